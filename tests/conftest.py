@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: the real local stack (Postgres + Kafka) and scratch resources.
+"""Fixtures for the whole suite: the real local stack (Postgres + Kafka) and scratch resources.
 
 The stack is the one ``scripts/stack.sh up`` starts (``make test`` starts it); point the suite at
 another one with ``TIDINGS_TEST_PG_ADMIN_DSN`` / ``TIDINGS_TEST_KAFKA_BOOTSTRAP``. Each test that

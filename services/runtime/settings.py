@@ -1,4 +1,4 @@
-"""Service settings read from the environment (``TIDINGS_*``), with defaults for the native stack."""
+"""Service settings read from the environment (``TIDINGS_*``), defaulting to the native stack."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def default_database_url(database: str) -> str:
 class ServiceSettings(BaseSettings):
     """Settings every service shares; each service subclasses it to set its own defaults.
 
-    Every field is read from ``TIDINGS_<FIELD>`` (e.g. ``TIDINGS_GRPC_PORT``). In docker compose each
-    service is its own container, so the unprefixed names are enough; natively, each service's
-    defaults differ (ports, database) so ``make dev`` needs no environment at all.
+    Every field is read from ``TIDINGS_<FIELD>`` (e.g. ``TIDINGS_GRPC_PORT``). In docker compose
+    each service is its own container, so one set of names is enough; natively, each service's
+    defaults differ (ports, database), so ``make dev`` needs no environment at all.
     """
 
     model_config = SettingsConfigDict(env_prefix="TIDINGS_", extra="ignore")

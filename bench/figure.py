@@ -1,0 +1,52 @@
+"""One measured figure and its JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A named measurement, optionally compared with a limit measured in the same run.
+
+    Attributes:
+        name: Dotted figure name (``ceiling.pg_copy_rows_per_s``); names in DESIGN.md are fixed.
+        value: The measurement.
+        unit: Unit of ``value`` and ``limit`` (``rows/s``, ``ms``, ``MiB``...).
+        limit: What ``value`` is compared with, usually a raw ceiling of the same operation
+            (our import rate vs a bare ``COPY``), or ``None`` when nothing applies.
+    """
+
+    name: str
+    value: float
+    unit: str
+    limit: float | None = None
+
+    @property
+    def ratio_to_limit(self) -> float | None:
+        """``value / limit``, or ``None`` without a (non-zero) limit."""
+        if self.limit is None or self.limit == 0:
+            return None
+        return self.value / self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        """The figure as one entry of ``results.json``.
+
+        Returns:
+            ``{"name", "value", "unit", "limit", "ratio_to_limit"}``, numbers rounded so the file
+            diffs readably between runs.
+        """
+        ratio = self.ratio_to_limit
+        return {
+            "name": self.name,
+            "value": _round(self.value),
+            "unit": self.unit,
+            "limit": None if self.limit is None else _round(self.limit),
+            "ratio_to_limit": None if ratio is None else round(ratio, 4),
+        }
+
+
+def _round(number: float) -> float:
+    # Three decimals keep milliseconds meaningful; rates in the 100k range need none.
+    return round(number, 3) if abs(number) < 1000 else round(number, 1)
