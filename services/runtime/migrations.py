@@ -104,6 +104,13 @@ class Migration:
         """``component/NNNN_name``, how migrations are named in logs and return values."""
         return f"{self.component}/{self.version:04d}_{self.name}"
 
+    @property
+    def has_statements(self) -> bool:
+        """False for a file of only ``--`` comments, which the server would reject as empty."""
+        return any(
+            line.strip() and not line.strip().startswith("--") for line in self.sql.splitlines()
+        )
+
 
 #: The runtime's own tables (outbox, inbox), applied to every service database before its own.
 RUNTIME_MIGRATIONS = MigrationSource("runtime", Path(__file__).resolve().parent / "migrations")
@@ -242,7 +249,8 @@ async def _apply_source(
     for migration in pending:
         try:
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                if migration.has_statements:
+                    await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (component, version, name, checksum) "
                     "VALUES ($1, $2, $3, $4)",

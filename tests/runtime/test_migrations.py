@@ -224,3 +224,16 @@ async def test_missing_directory_and_duplicate_components_are_refused(
         await migrate(scratch_db, sources_for("svc", tmp_path / "nope"))
     with pytest.raises(MigrationError, match="appears twice"):
         await migrate(scratch_db, [RUNTIME_MIGRATIONS, RUNTIME_MIGRATIONS])
+
+
+async def test_comment_only_migration_is_recorded_without_running(
+    scratch_db: str, tmp_path: Path
+) -> None:
+    service = write(
+        tmp_path / "svc",
+        {"0001_init.sql": "-- tables arrive later\n\n", "0002_t.sql": "CREATE TABLE t (id int);"},
+    )
+    applied = await migrate(scratch_db, sources_for("svc", service))
+    assert applied[-2:] == ["svc/0001_init", "svc/0002_t"]
+    assert ("svc", 1, "init") in await recorded(scratch_db)
+    assert "t" in await tables(scratch_db)

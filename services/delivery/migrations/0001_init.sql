@@ -1,0 +1,2 @@
+-- The delivery database starts with only the runtime's tables (outbox, inbox, schema_migrations);
+-- delivery's own tables arrive in later numbered migrations.

@@ -1,0 +1,9 @@
+"""``python -m services.identity [serve|migrate]``: run the service or migrate its database."""
+
+from __future__ import annotations
+
+from services.identity.server import spec
+from services.runtime.app import main
+
+if __name__ == "__main__":
+    main(spec())

@@ -1,0 +1,2 @@
+-- The identity database starts with only the runtime's tables (outbox, inbox, schema_migrations);
+-- identity's own tables arrive in later numbered migrations.

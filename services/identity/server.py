@@ -1,0 +1,56 @@
+"""gRPC surface of the identity service: wires its servicers into the shared runtime.
+
+The servicers translate protobuf to domain calls and back, nothing else; their methods arrive
+with the identity issues, so for now every call answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc.aio
+from tidings.identity.v1 import (
+    apps_service_pb2,
+    apps_service_pb2_grpc,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
+)
+
+from services.identity.settings import IdentitySettings
+from services.runtime.app import ServiceContext, ServiceSpec
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+IDENTITY_SERVICE = identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+APPS_SERVICE = apps_service_pb2.DESCRIPTOR.services_by_name["AppsService"].full_name
+
+
+class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
+    """``tidings.identity.v1.IdentityService``: users, subscriptions, events, segments."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+
+class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
+    """``tidings.identity.v1.AppsService``: apps and API keys (admin key only)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+
+def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
+    """Add identity's servicers to ``server``; returns their full service names."""
+    identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(ctx), server)
+    apps_service_pb2_grpc.add_AppsServiceServicer_to_server(AppsServicer(ctx), server)
+    return [IDENTITY_SERVICE, APPS_SERVICE]
+
+
+def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
+    """The identity service for the runtime; settings are read from the environment by default."""
+    return ServiceSpec(
+        name="identity",
+        settings=settings or IdentitySettings(),
+        migrations_dir=MIGRATIONS_DIR,
+        register=register,
+    )

@@ -1,0 +1,2 @@
+-- The journey database starts with only the runtime's tables (outbox, inbox, schema_migrations);
+-- journey's own tables arrive in later numbered migrations.
