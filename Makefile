@@ -50,4 +50,4 @@ bench: protos stack ## run the benchmarks and write bench/results.json (SIZE=tin
 	@$(PY) -m bench $(if $(SIZE),--size $(SIZE),)
 
 migrate: protos stack ## apply every service's migrations (services also do it at start-up)
-	@for svc in $(SERVICES); do $(PY) -m services.$$svc migrate; done
+	@for svc in $(SERVICES); do TIDINGS_LOG_FORMAT=$${TIDINGS_LOG_FORMAT:-text} $(PY) -m services.$$svc migrate; done

@@ -61,13 +61,13 @@ as_pg() {
 # The postgres user must be able to reach the state folder; a clone made by `mktemp -d` is 0700.
 open_path_for_postgres() {
   [ "$(id -u)" = 0 ] || return 0
-  local dir=$1
-  while [ "$dir" != / ]; do
+  local dir=$1 chain=()
+  while [ "$dir" != / ]; do chain=("$dir" "${chain[@]}"); dir=$(dirname "$dir"); done
+  for dir in "${chain[@]}"; do  # outermost first: a folder is reachable once its parents are
     if ! runuser -u postgres -- test -x "$dir" 2>/dev/null; then
       log "granting traverse permission (o+x) on $dir so the postgres user can reach its data"
       chmod o+x "$dir"
     fi
-    dir=$(dirname "$dir")
   done
 }
 
@@ -136,8 +136,10 @@ kafka_libs() {
     command -v mvn >/dev/null || apt_install maven
     log "fetching Kafka jars from Maven Central into $libs"
     rm -rf "$libs"
+    mkdir -p "$STACK/kafka"
     mvn -q -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$libs" || die "could not fetch the Kafka jars with Maven"
+      -DoutputDirectory="$libs" > "$STACK/kafka/maven.log" 2>&1 \
+      || { cat "$STACK/kafka/maven.log" >&2; die "could not fetch the Kafka jars with Maven"; }
     touch "$libs/.complete"
   fi
 }

@@ -8,6 +8,7 @@ needs a database gets a fresh one, and each topic name is unique, so tests never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -57,9 +58,9 @@ def kafka_bootstrap() -> str:
     return KAFKA_BOOTSTRAP
 
 
-@pytest.fixture
-async def scratch_db() -> AsyncIterator[str]:
-    """A brand-new empty database for one test; yields its DSN and drops it afterwards."""
+@contextlib.asynccontextmanager
+async def temporary_database() -> AsyncIterator[str]:
+    """A brand-new empty database; yields its DSN and drops it afterwards."""
     name = unique_name("t")
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
@@ -74,6 +75,13 @@ async def scratch_db() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def scratch_db() -> AsyncIterator[str]:
+    """A fresh empty database for one test (its DSN)."""
+    async with temporary_database() as dsn:
+        yield dsn
 
 
 async def create_topic(name: str, partitions: int = 3) -> None:

@@ -36,7 +36,7 @@ from services.runtime.outbox import (
     enqueue,
     enqueue_many,
 )
-from tests.conftest import PG_ADMIN_DSN, create_topic, dsn_for, unique_name
+from tests.conftest import create_topic, temporary_database, unique_name
 from tests.runtime.kafka_helpers import eventually, partitions_of, read_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -510,21 +510,9 @@ async def test_relay_dying_between_kafka_commit_and_delete_does_not_duplicate(
 @pytest.fixture
 async def second_dsn() -> AsyncIterator[str]:
     """Another fresh, migrated database (like ``scratch_db``)."""
-    name = unique_name("t")
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        await migrate(dsn_for(name), [RUNTIME_MIGRATIONS])
-        yield dsn_for(name)
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with temporary_database() as dsn:
+        await migrate(dsn, [RUNTIME_MIGRATIONS])
+        yield dsn
 
 
 async def relay_until_drained(pool: asyncpg.Pool, bootstrap: str, service: str) -> None:
