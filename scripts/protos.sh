@@ -22,7 +22,9 @@ fi
 rm -rf "$OUT" && mkdir -p "$OUT"
 # The well-known types (timestamp, struct, ...) ship inside grpc_tools.
 WKT=$("$PY" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
-"$PY" -m grpc_tools.protoc -I . -I "$WKT" \
+# google/rpc and google/type protos ship with googleapis-common-protos (which also has their code).
+GAPI=$("$PY" -c 'import google.rpc.status_pb2 as s, os; print(os.path.dirname(os.path.dirname(os.path.dirname(s.__file__))))')
+"$PY" -m grpc_tools.protoc -I . -I "$WKT" -I "$GAPI" \
   --plugin=protoc-gen-mypy="$BIN/protoc-gen-mypy" \
   --plugin=protoc-gen-mypy_grpc="$BIN/protoc-gen-mypy_grpc" \
   --python_out="$OUT" --grpc_python_out="$OUT" \
@@ -32,7 +34,7 @@ WKT=$("$PY" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_t
 find "$OUT/tidings" -type d -exec touch {}/__init__.py \;
 
 # No buf registry is reachable: lint a self-contained descriptor image built by protoc.
-"$PY" -m grpc_tools.protoc -I . -I "$WKT" --include_imports --include_source_info \
+"$PY" -m grpc_tools.protoc -I . -I "$WKT" -I "$GAPI" --include_imports --include_source_info \
   -o "$OUT/image.binpb" "${PROTOS[@]}"
 "$BIN/buf" lint "$OUT/image.binpb" --config buf.yaml --path tidings
 touch "$STAMP"

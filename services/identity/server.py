@@ -1,7 +1,8 @@
 """gRPC surface of the identity service: wires its servicers into the shared runtime.
 
-The servicers translate protobuf to domain calls and back, nothing else; their methods arrive
-with the identity issues, so for now every call answers UNIMPLEMENTED.
+IdentityService is one gRPC service with many methods; its servicer is composed of one mixin
+per area (``users_server``, ``subscriptions_server``, ``events_server``), each translating
+protobuf to domain calls and back, nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from tidings.identity.v1 import (
     identity_service_pb2_grpc,
 )
 
+from services.identity.apps_server import AppsServicer
+from services.identity.events_server import EventsRpcs
 from services.identity.settings import IdentitySettings
+from services.identity.subscriptions_server import SubscriptionsRpcs
+from services.identity.users_server import UsersRpcs
 from services.runtime.app import ServiceContext, ServiceSpec
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -25,15 +30,13 @@ IDENTITY_SERVICE = identity_service_pb2.DESCRIPTOR.services_by_name["IdentitySer
 APPS_SERVICE = apps_service_pb2.DESCRIPTOR.services_by_name["AppsService"].full_name
 
 
-class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
-    """``tidings.identity.v1.IdentityService``: users, subscriptions, events, segments."""
-
-    def __init__(self, ctx: ServiceContext) -> None:
-        self._ctx = ctx
-
-
-class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
-    """``tidings.identity.v1.AppsService``: apps and API keys (admin key only)."""
+class IdentityServicer(
+    UsersRpcs,
+    SubscriptionsRpcs,
+    EventsRpcs,
+    identity_service_pb2_grpc.IdentityServiceServicer,
+):
+    """``tidings.identity.v1.IdentityService``: users, subscriptions, events."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx

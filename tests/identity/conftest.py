@@ -1,0 +1,129 @@
+"""One identity process for the identity tests, and a fresh app (with keys) per test.
+
+The service runs as a real subprocess on its own scratch database, reached over gRPC like a user
+would. Tests isolate themselves by app: each gets a new app, so ids never collide and tests do
+not depend on order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+import pytest
+from tidings.identity.v1 import (
+    app_pb2,
+    apps_service_pb2,
+    apps_service_pb2_grpc,
+    identity_service_pb2_grpc,
+)
+
+from tests.conftest import temporary_database, unique_name
+from tests.e2e.processes import TEST_ADMIN_KEY, ServiceProcess, running_service
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``key``."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="session")
+async def identity_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[ServiceProcess]:
+    """The identity service as a real process on a scratch database, for the whole session."""
+    async with (
+        temporary_database() as dsn,
+        running_service(
+            "identity", database_url=dsn, log_dir=tmp_path_factory.mktemp("identity")
+        ) as service,
+    ):
+        await service.wait_serving()
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def identity_channel(identity_process: ServiceProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(identity_process.grpc_target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def apps_stub(identity_channel: grpc.aio.Channel) -> apps_service_pb2_grpc.AppsServiceStub:
+    return apps_service_pb2_grpc.AppsServiceStub(identity_channel)
+
+
+@pytest.fixture(scope="session")
+def identity_stub(
+    identity_channel: grpc.aio.Channel,
+) -> identity_service_pb2_grpc.IdentityServiceStub:
+    return identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+
+
+ADMIN = bearer(TEST_ADMIN_KEY)
+
+
+@dataclass(frozen=True)
+class TestApp:
+    """An app created for one test, with a server key and a client key."""
+
+    app_id: str
+    server_key: str
+    client_key: str
+
+    @property
+    def server(self) -> tuple[tuple[str, str], ...]:
+        """Metadata for calls with the server key."""
+        return bearer(self.server_key)
+
+    @property
+    def client(self) -> tuple[tuple[str, str], ...]:
+        """Metadata for calls with the client key."""
+        return bearer(self.client_key)
+
+
+async def create_test_app(
+    apps: apps_service_pb2_grpc.AppsServiceStub, settings: app_pb2.AppSettings | None = None
+) -> TestApp:
+    """A new app with one server and one client key, created through AppsService."""
+    app = await apps.CreateApp(
+        apps_service_pb2.CreateAppRequest(
+            app=app_pb2.App(display_name=unique_name("app"), settings=settings)
+        ),
+        metadata=ADMIN,
+    )
+    keys = {}
+    for scope in (app_pb2.API_KEY_SCOPE_SERVER, app_pb2.API_KEY_SCOPE_CLIENT):
+        created = await apps.CreateApiKey(
+            apps_service_pb2.CreateApiKeyRequest(app_id=app.app_id, scope=scope),
+            metadata=ADMIN,
+        )
+        keys[scope] = created.secret
+    return TestApp(
+        app_id=app.app_id,
+        server_key=keys[app_pb2.API_KEY_SCOPE_SERVER],
+        client_key=keys[app_pb2.API_KEY_SCOPE_CLIENT],
+    )
+
+
+@pytest.fixture
+async def app(apps_stub: apps_service_pb2_grpc.AppsServiceStub) -> TestApp:
+    """A fresh app for this test."""
+    return await create_test_app(apps_stub)
+
+
+@pytest.fixture
+async def other_app(apps_stub: apps_service_pb2_grpc.AppsServiceStub) -> TestApp:
+    """A second app, to show tenant isolation."""
+    return await create_test_app(apps_stub)
+
+
+async def status_of(call: object) -> grpc.StatusCode:
+    """Await a call and return its status code (OK when it succeeds)."""
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
