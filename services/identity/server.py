@@ -17,8 +17,11 @@ from tidings.identity.v1 import (
     identity_service_pb2_grpc,
 )
 
+from services.identity.api_key_auth import authenticator
 from services.identity.apps_server import AppsServicer
+from services.identity.events_consumer import run_events_consumer
 from services.identity.events_server import EventsRpcs
+from services.identity.receipts_consumer import run_receipts_consumer
 from services.identity.settings import IdentitySettings
 from services.identity.subscriptions_server import SubscriptionsRpcs
 from services.identity.users_server import UsersRpcs
@@ -56,4 +59,6 @@ def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
         settings=settings or IdentitySettings(),
         migrations_dir=MIGRATIONS_DIR,
         register=register,
+        authenticator=authenticator,
+        background=[run_events_consumer, run_receipts_consumer],
     )

@@ -59,6 +59,9 @@ Clock = Callable[[], datetime]
 #: Start-up retry backoff: first wait, and the cap it doubles up to.
 _RETRY_FIRST_SECONDS = 0.5
 _RETRY_MAX_SECONDS = 5.0
+#: Restart backoff of failing background tasks, reset once a run lasted this long.
+_BACKGROUND_RETRY_MAX_SECONDS = 30.0
+_BACKGROUND_HEALTHY_SECONDS = 60.0
 #: Upper bounds on shutdown steps that wait on the network, so SIGTERM always ends the process.
 _STOP_STEP_SECONDS = 5.0
 
@@ -340,7 +343,29 @@ class _ServiceProcess:
             self.tasks.append(self.relay_task)
         for index, factory in enumerate(self.spec.background):
             name = getattr(factory, "__qualname__", f"background-{index}")
-            self.tasks.append(asyncio.create_task(_as_coroutine(factory(self.ctx)), name=name))
+            self.tasks.append(asyncio.create_task(self._restarting(name, factory), name=name))
+
+    async def _restarting(
+        self, name: str, factory: Callable[[ServiceContext], Awaitable[None]]
+    ) -> None:
+        """Run a background task; when it fails, log it and start it again after a backoff.
+
+        A consumer that loses Postgres or Kafka fails, but the outage passes: restarting it here
+        keeps the process up (reported NOT_SERVING by the watchdog meanwhile) instead of trading
+        an outage for a crash loop. Returning normally still ends the process (see _supervise).
+        """
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                await factory(self.ctx)
+                return
+            except Exception:
+                self.log.exception("background task %s failed; restarting in %.1fs", name, delay)
+            if asyncio.get_running_loop().time() - started > _BACKGROUND_HEALTHY_SECONDS:
+                delay = _RETRY_FIRST_SECONDS
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKGROUND_RETRY_MAX_SECONDS)
 
     async def _supervise(self) -> None:
         """Wait for a stop request; a task that ends before that is a failure of the process."""
@@ -413,10 +438,6 @@ class _ServiceProcess:
             pool = self.ctx._pool
             if not await _bounded(log, "pool close", pool.close()):
                 pool.terminate()
-
-
-async def _as_coroutine(awaitable: Awaitable[None]) -> None:
-    await awaitable
 
 
 async def _bounded(log: logging.Logger, what: str, work: Awaitable[None]) -> bool:

@@ -103,7 +103,7 @@ class AdminKeyAuthenticator:
         # compare_digest: the time taken must not reveal how much of the key matched.
         if self._admin_key and hmac.compare_digest(token.encode(), self._admin_key):
             return ADMIN_PRINCIPAL
-        raise Unauthenticated("the API key is not valid", reason="INVALID_API_KEY")
+        raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
 
 
 #: Methods anyone may call without a key: probes and tooling (grpcurl list/describe) need them.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -21,6 +22,10 @@ from tidings.identity.v1 import (
 )
 
 from tests.conftest import temporary_database, unique_name
+
+if TYPE_CHECKING:
+    from tidings.identity.v1.apps_service_pb2_grpc import AppsServiceAsyncStub
+    from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub
 from tests.e2e.processes import TEST_ADMIN_KEY, ServiceProcess, running_service
 
 
@@ -51,14 +56,12 @@ async def identity_channel(identity_process: ServiceProcess) -> AsyncIterator[gr
 
 
 @pytest.fixture(scope="session")
-def apps_stub(identity_channel: grpc.aio.Channel) -> apps_service_pb2_grpc.AppsServiceStub:
+def apps_stub(identity_channel: grpc.aio.Channel) -> AppsServiceAsyncStub:
     return apps_service_pb2_grpc.AppsServiceStub(identity_channel)
 
 
 @pytest.fixture(scope="session")
-def identity_stub(
-    identity_channel: grpc.aio.Channel,
-) -> identity_service_pb2_grpc.IdentityServiceStub:
+def identity_stub(identity_channel: grpc.aio.Channel) -> IdentityServiceAsyncStub:
     return identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
 
 
@@ -68,6 +71,8 @@ ADMIN = bearer(TEST_ADMIN_KEY)
 @dataclass(frozen=True)
 class TestApp:
     """An app created for one test, with a server key and a client key."""
+
+    __test__ = False  # not a test class, despite its name
 
     app_id: str
     server_key: str
@@ -85,7 +90,7 @@ class TestApp:
 
 
 async def create_test_app(
-    apps: apps_service_pb2_grpc.AppsServiceStub, settings: app_pb2.AppSettings | None = None
+    apps: AppsServiceAsyncStub, settings: app_pb2.AppSettings | None = None
 ) -> TestApp:
     """A new app with one server and one client key, created through AppsService."""
     app = await apps.CreateApp(
@@ -109,13 +114,13 @@ async def create_test_app(
 
 
 @pytest.fixture
-async def app(apps_stub: apps_service_pb2_grpc.AppsServiceStub) -> TestApp:
+async def app(apps_stub: AppsServiceAsyncStub) -> TestApp:
     """A fresh app for this test."""
     return await create_test_app(apps_stub)
 
 
 @pytest.fixture
-async def other_app(apps_stub: apps_service_pb2_grpc.AppsServiceStub) -> TestApp:
+async def other_app(apps_stub: AppsServiceAsyncStub) -> TestApp:
     """A second app, to show tenant isolation."""
     return await create_test_app(apps_stub)
 

@@ -11,6 +11,8 @@ CREATE TABLE apps (
     create_time  timestamptz NOT NULL DEFAULT now(),
     update_time  timestamptz NOT NULL DEFAULT now()
 );
+-- ListApps pages oldest first by (create_time, app_id).
+CREATE INDEX apps_create_time ON apps (create_time, app_id);
 
 -- Secrets are random (256 bits), so a plain SHA-256 is as strong as a slow hash here and lets a
 -- key be found by an index lookup on every call.
@@ -24,4 +26,5 @@ CREATE TABLE api_keys (
     create_time  timestamptz NOT NULL DEFAULT now(),
     revoke_time  timestamptz
 );
-CREATE INDEX api_keys_app ON api_keys (app_id, create_time DESC);
+-- ListApiKeys pages newest first by (create_time, key_id) within an app.
+CREATE INDEX api_keys_app ON api_keys (app_id, create_time DESC, key_id DESC);

@@ -20,6 +20,9 @@ CREATE TABLE subscriptions (
     -- DeviceInfo: {"model", "os", "app_version", "sdk"}.
     device             jsonb       NOT NULL DEFAULT '{}',
     last_active_time   timestamptz NOT NULL DEFAULT now(),
+    -- When the current token was last presented (registered, registered again, changed): a
+    -- provider's "token is dead" about a send before that is stale and is ignored.
+    token_time         timestamptz NOT NULL DEFAULT now(),
     create_time        timestamptz NOT NULL DEFAULT now(),
     update_time        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (app_id, subscription_id),

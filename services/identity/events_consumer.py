@@ -1,0 +1,389 @@
+"""Identity's consumer of ``identity.events``: stores tracked events in Postgres, in batches.
+
+Runs as a background task of every identity replica (:func:`run_events_consumer`). Per polled
+batch (up to :data:`MAX_BATCH` records):
+
+1. records are decoded; one that cannot be stored at all (no event id, a user id that is not a
+   UUID) is logged and skipped rather than blocking its partition;
+2. the monthly partitions the batch needs are created if missing (see
+   :mod:`services.identity.events_store`);
+3. in one transaction the batch's users are looked up and locked ``FOR KEY SHARE``; events of
+   users this database does not have are dropped — apps of other databases (the dev stack, test
+   processes and benchmarks share the topic) and users erased since — and events of a profile
+   that Login merged away follow it into the profile it was merged into;
+4. the rest are inserted, deduplicated by ``(app_id, event_id)`` through ``event_ids``, so a
+   retried TrackEvents batch or a redelivered record stores nothing twice.
+
+Offsets are committed by :class:`~services.runtime.kafka.BatchConsumer` only after the handler
+returned, i.e. after the transaction committed.
+
+The consumer group is ``identity.store-events.<database id>`` (``outbox_instance.id``): replicas
+of one database share the group and split the partitions, while two databases (a test process
+and the dev stack) never split one group's partitions between them and each sees every record.
+
+A group that has no committed offsets yet (a new database) starts at the records produced
+shortly before its oldest app was created instead of at the beginning of the topic: records
+older than every app of this database cannot belong to it, and the shared topic may hold
+millions of them (benchmarks), which a new test database would otherwise wade through first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter
+from tidings.events.v1.tracked_event_pb2 import TrackedEvent
+
+from services.identity import events_store
+from services.identity.events import properties_json
+from services.identity.events_store import NewEvent
+from services.runtime.app import Clock, ServiceContext
+from services.runtime.kafka import IDENTITY_EVENTS, BatchConsumer, Record
+
+__all__ = ["GROUP_PREFIX", "MAX_BATCH", "EventStorer", "group_id_for", "run_events_consumer"]
+
+log = logging.getLogger(__name__)
+
+#: Consumer group prefix; the database id follows.
+GROUP_PREFIX = "identity.store-events"
+#: Most records per stored batch: big enough to amortise a round trip, small enough that one
+#: transaction stays short.
+MAX_BATCH = 2000
+#: How far before the oldest app a new group starts: the record timestamp is the producing
+#: process's clock, the app's create time the database's, so this covers clock skew between
+#: machines (NTP keeps it to milliseconds). Kept short: a new database should not wade through
+#: what others produced just before it (a benchmark writes hundreds of thousands of records).
+_START_MARGIN = timedelta(seconds=10)
+#: Merged-away profiles are followed this many times (A merged into B, B into C, ...).
+_MERGE_HOPS = 3
+
+
+def group_id_for(instance_id: str) -> str:
+    """The consumer group of the database with lineage id ``instance_id``."""
+    return f"{GROUP_PREFIX}.{instance_id}"
+
+
+class EventStorer:
+    """The batch handler: turns ``TrackedEvent`` records into stored events.
+
+    Args:
+        pool: The identity database.
+        clock: Current time (for the partition window).
+        stored: Counter of stored events, if metrics are wanted.
+        dropped: Counter of dropped events, by reason, if metrics are wanted.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        clock: Clock,
+        stored: Counter | None = None,
+        dropped: Counter | None = None,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._stored = stored
+        self._dropped = dropped
+        self._months: set[date] = set()
+        self._apps: set[str] = set()
+
+    async def prepare(self) -> None:
+        """Learn the existing partitions and create those around the current month."""
+        async with self._pool.acquire() as conn:
+            self._months = await events_store.month_partitions(conn)
+        current = events_store.month_of(self._clock())
+        await self._ensure_months({_shift(current, -1), current, _shift(current, 1)})
+
+    async def _ensure_months(self, months: set[date]) -> None:
+        first, last = events_store.partition_window(self._clock())
+        missing = {m for m in months if first <= m <= last} - self._months
+        if not missing:
+            return
+        async with self._pool.acquire() as conn:
+            created = await events_store.ensure_month_partitions(conn, missing)
+        if created:
+            log.info(
+                "created event partitions %s",
+                ", ".join(events_store.partition_name(m) for m in created),
+            )
+        self._months |= missing
+
+    async def handle(self, records: Sequence[Record[TrackedEvent]]) -> None:
+        """Store a batch; idempotent, so a redelivered batch changes nothing."""
+        # Records of other databases' apps are dropped before any per-record work: after a
+        # benchmark the shared topic can hold millions of them.
+        known = await self._known_apps({record.value.app_id for record in records})
+        ours = [record for record in records if record.value.app_id in known]
+        self._count_dropped("unknown_app", len(records) - len(ours))
+        user_ids: dict[str, uuid.UUID | None] = {}
+        events = [e for record in ours if (e := _new_event(record, user_ids)) is not None]
+        self._count_dropped("malformed", len(ours) - len(events))
+        if not events:
+            return
+        await self._ensure_months({events_store.month_of(e.occurred_at) for e in events})
+        async with self._pool.acquire() as conn, conn.transaction():
+            owners = await _current_owners(conn, {(e.app_id, e.user_id) for e in events})
+            kept = []
+            for event in events:
+                owner = owners.get((event.app_id, event.user_id))
+                if owner is None:
+                    continue
+                if owner != event.user_id:
+                    event = NewEvent(
+                        app_id=event.app_id,
+                        user_id=owner,
+                        event_id=event.event_id,
+                        name=event.name,
+                        properties_json=event.properties_json,
+                        occurred_at=event.occurred_at,
+                        receive_time=event.receive_time,
+                    )
+                kept.append(event)
+            stored = await events_store.insert_events(conn, kept)
+        self._count_dropped("unknown_user", len(events) - len(kept))
+        self._count_dropped("duplicate", len(kept) - stored)
+        if self._stored is not None:
+            self._stored.inc(stored)
+
+    async def _known_apps(self, app_ids: set[str]) -> set[str]:
+        # Apps are only ever added (an erased one's users are gone, which the owner lookup
+        # sees), so the apps found once are remembered; unknown ones are asked again, since an
+        # app may be created after its id was first seen.
+        unknown = app_ids - self._apps
+        if unknown:
+            async with self._pool.acquire() as conn:
+                self._apps |= await events_store.known_apps(conn, unknown)
+        return app_ids & self._apps
+
+    def _count_dropped(self, reason: str, count: int) -> None:
+        if self._dropped is not None and count > 0:
+            self._dropped.labels(reason).inc(count)
+
+
+def _shift(month: date, months: int) -> date:
+    index = month.year * 12 + month.month - 1 + months
+    return date(index // 12, index % 12 + 1, 1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _skip(record: Record[TrackedEvent], why: str) -> None:
+    log.warning(
+        "skipping event %r at %s[%d]@%d: %s",
+        record.value.event_id[:128],
+        record.topic,
+        record.partition,
+        record.offset,
+        why,
+    )
+
+
+def _new_event(
+    record: Record[TrackedEvent], user_ids: dict[str, uuid.UUID | None]
+) -> NewEvent | None:
+    """The event a record carries, or ``None`` (logged) if it cannot be stored at all.
+
+    Args:
+        record: The record.
+        user_ids: Parsed user ids of this batch by their text, so each distinct user is parsed
+            once per batch.
+    """
+    value = record.value
+    text = value.user_id
+    if text in user_ids:
+        user_id = user_ids[text]
+    else:
+        try:
+            user_id = user_ids[text] = uuid.UUID(text)
+        except ValueError:
+            user_id = user_ids[text] = None
+    if user_id is None:
+        _skip(record, f"user id {text[:64]!r} is not a UUID")
+        return None
+    event_id, name = value.event_id, value.name
+    if not event_id or not name:
+        _skip(record, "no event id or name")
+        return None
+    if "\x00" in event_id or "\x00" in name or "\x00" in value.app_id:
+        _skip(record, "NUL character in an id or the name")
+        return None
+    # Built from integers: cheaper than Timestamp.ToDatetime, and exact to the microsecond.
+    receive_time = (
+        _EPOCH + timedelta(milliseconds=record.timestamp_ms)
+        if record.timestamp_ms > 0
+        else datetime.now(UTC)
+    )
+    occurred_at = receive_time
+    if value.HasField("occurred_at"):
+        stamp = value.occurred_at
+        try:
+            occurred_at = _EPOCH + timedelta(
+                seconds=stamp.seconds, microseconds=stamp.nanos // 1000
+            )
+        except OverflowError:
+            _skip(record, "occurred_at is out of range")
+            return None
+    return NewEvent(
+        app_id=value.app_id,
+        user_id=user_id,
+        event_id=event_id,
+        name=name,
+        properties_json=properties_json(value.properties),
+        occurred_at=occurred_at,
+        receive_time=receive_time,
+    )
+
+
+async def _current_owners(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    users: set[tuple[str, uuid.UUID]],
+) -> dict[tuple[str, uuid.UUID], uuid.UUID]:
+    """For each ``(app_id, user_id)``: the user who owns its events now, if any.
+
+    That is the user itself while it exists, or the profile Login merged it into; users that
+    do not exist (another database's, or erased) are left out.
+    """
+    existing = await events_store.existing_users(conn, users)
+    owners = {pair: pair[1] for pair in existing}
+    # Follow merges for the rest: pair -> the profile it is being traced through.
+    tracing = {pair: pair[1] for pair in users - existing}
+    for _ in range(_MERGE_HOPS):
+        if not tracing:
+            break
+        targets = await events_store.merge_targets(
+            conn, {(app_id, user_id) for (app_id, _), user_id in tracing.items()}
+        )
+        if not targets:
+            break
+        next_hop = {
+            pair: targets[(pair[0], user_id)]
+            for pair, user_id in tracing.items()
+            if (pair[0], user_id) in targets
+        }
+        alive = await events_store.existing_users(
+            conn, {(pair[0], into) for pair, into in next_hop.items()}
+        )
+        tracing = {}
+        for pair, into in next_hop.items():
+            if (pair[0], into) in alive:
+                owners[pair] = into
+            else:
+                tracing[pair] = into
+    return owners
+
+
+async def _partitions(bootstrap: str, topic: str) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="identity-events-offsets")
+    try:
+        await admin.start()
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(int(partition["partition"]) for partition in described["partitions"])
+
+
+async def _start_offsets(ctx: ServiceContext, group_id: str) -> None:
+    """Give a group without committed offsets a start that skips records of other databases.
+
+    Partitions with committed offsets are left alone. For the others: the topic's end if this
+    database has no app yet, else the records from shortly before its oldest app was created.
+    The end offsets are read *before* looking for apps: an event of this database is produced
+    after its app exists, so if no app existed after the read, every such event lies past it.
+    If another replica's member is in the group already, the commit is refused; that member
+    has (or sets) the offsets then.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.settings.kafka_bootstrap,
+        group_id=group_id,
+        client_id=f"{ctx.settings.service_name}-events-offsets",
+        enable_auto_commit=False,
+    )
+    try:
+        await consumer.start()
+        topic_partitions = [
+            TopicPartition(IDENTITY_EVENTS.name, p)
+            for p in await _partitions(ctx.settings.kafka_bootstrap, IDENTITY_EVENTS.name)
+        ]
+        uncommitted = [tp for tp in topic_partitions if await consumer.committed(tp) is None]
+        if not uncommitted:
+            return
+        consumer.assign(uncommitted)
+        offsets = await consumer.end_offsets(uncommitted)
+        async with ctx.pool.acquire() as conn:
+            oldest: datetime | None = await conn.fetchval("SELECT min(create_time) FROM apps")
+        if oldest is not None:
+            start = oldest - _START_MARGIN
+            found = await consumer.offsets_for_times(
+                {tp: int(start.timestamp() * 1000) for tp in uncommitted}
+            )
+            offsets = {
+                tp: found[tp].offset if found.get(tp) is not None else end
+                for tp, end in offsets.items()
+            }
+        await consumer.commit(offsets)
+        log.info(
+            "consumer group %s starts at %s",
+            group_id,
+            f"records since {start.isoformat()}" if oldest is not None else "the end of the topic",
+        )
+    except KafkaError as exc:
+        # Not fatal: the group then starts at the earliest offsets, which is merely slower.
+        log.warning("could not set start offsets of %s: %r", group_id, exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def run_events_consumer(ctx: ServiceContext) -> None:
+    """Background task: consume ``identity.events`` into Postgres until cancelled.
+
+    Args:
+        ctx: The service context (pool, settings, clock, metrics).
+
+    Raises:
+        HandlerFailedError: Storing a batch kept failing; the process exits and its supervisor
+            restarts it (the batch was not committed, so nothing is lost).
+    """
+    async with ctx.pool.acquire() as conn:
+        group_id = group_id_for(await events_store.database_instance_id(conn))
+    storer = EventStorer(
+        ctx.pool,
+        clock=ctx.clock,
+        stored=Counter(
+            "identity_events_stored_total",
+            "Tracked events stored by the identity.events consumer.",
+            registry=ctx.metrics.registry,
+        ),
+        dropped=Counter(
+            "identity_events_dropped_total",
+            "Records of identity.events not stored, by reason (duplicate, unknown_app, "
+            "unknown_user, malformed).",
+            ["reason"],
+            registry=ctx.metrics.registry,
+        ),
+    )
+    await storer.prepare()
+    await _start_offsets(ctx, group_id)
+    consumer = BatchConsumer(
+        ctx.settings.kafka_bootstrap,
+        IDENTITY_EVENTS,
+        storer.handle,
+        group_id=group_id,
+        service=ctx.settings.service_name,
+        client_id=f"{ctx.settings.service_name}-events",
+        max_batch=MAX_BATCH,
+    )
+    try:
+        await consumer.run()
+    finally:
+        await consumer.stop()

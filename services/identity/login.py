@@ -1,0 +1,296 @@
+"""Login and Logout: identifying the holder of a device, and detaching it again.
+
+``Login(subscription, external_id)``:
+
+* the subscription's holder already has that external id → nothing changes (idempotent);
+* the holder is identified as someone else → FAILED_PRECONDITION ``USER_ALREADY_IDENTIFIED``:
+  two identified users are never merged, and a device is never silently switched between them
+  (Logout first, or AssignSubscription with a server key);
+* the holder is anonymous and nobody has that external id → the anonymous profile becomes the
+  user (its external id is set);
+* the holder is anonymous and a user has that external id → the anonymous profile is **merged**
+  into the known one, in one transaction: the subscription moves (evicting the known user's
+  least recently active push subscription if it is at the cap; RESOURCE_EXHAUSTED if all 20 are
+  addresses); the anonymous profile's other subscriptions move too, most recently active first,
+  while the known user has room, and the rest are deleted; its aliases move while the known
+  user has fewer than 10 and does not have that label already; attributes the known profile
+  lacks are filled from it (the known profile's values win); its stored events move; a
+  ``user_merges`` row records who (the key), from, into and when; the anonymous profile is
+  deleted; ``USER_MERGED`` (with ``merged_user_id`` and the fields filled) is published.
+
+``Logout(subscription)`` moves the subscription to a fresh anonymous profile (nothing if it is
+already held by an anonymous one).
+
+Client keys may call both, for the subscription they registered, only if the app's
+``allow_client_login`` setting is on; that check comes before any other.
+
+Concurrency: the users involved are locked in user id order, then the subscription, and what
+was read before locking is checked again (a concurrent Login may have merged or identified the
+holder meanwhile, in which case the work starts over), so concurrent logins of one device
+neither deadlock nor merge twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from tidings.events.v1.identity_change_pb2 import IdentityChange
+
+from services.identity import apps_store, changes, events_store, users_store
+from services.identity import subscriptions_store as store
+from services.identity.access import AppCaller
+from services.identity.subscriptions import (
+    MAX_SUBSCRIPTIONS_PER_USER,
+    Retry,
+    check_subscription_id,
+    choose_evictions,
+    parse_subscription_id,
+    retrying_transaction,
+    subscription_fact,
+    subscription_not_found,
+    unassign_subscription,
+)
+from services.identity.subscriptions_store import Subscription
+from services.identity.users import MAX_ALIASES
+from services.identity.validation import check_external_id
+from services.runtime.db import DBConnection
+from services.runtime.errors import FailedPrecondition, FieldViolations, PermissionDenied
+
+__all__ = ["LoginResult", "login", "logout", "plan_merge"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """What a Login did.
+
+    Attributes:
+        user_id: The user who now holds the subscription.
+        merged_user_id: The anonymous profile folded into it, if one was.
+    """
+
+    user_id: uuid.UUID
+    merged_user_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """Which subscriptions a merge evicts from the known user, moves, and drops.
+
+    Attributes:
+        evict: The known user's push subscriptions deleted to make room for the device.
+        move: The anonymous profile's subscriptions that move (the device's first).
+        drop: The anonymous profile's subscriptions that do not fit and are deleted.
+    """
+
+    evict: list[Subscription]
+    move: list[Subscription]
+    drop: list[Subscription]
+
+
+def plan_merge(
+    device: Subscription,
+    known_held: list[Subscription],
+    anonymous_held: list[Subscription],
+    *,
+    limit: int = MAX_SUBSCRIPTIONS_PER_USER,
+) -> MergePlan:
+    """Decide where every subscription goes when an anonymous profile is folded in.
+
+    The device being logged in must move, evicting if needed; the anonymous profile's other
+    subscriptions only fill the room left (most recently active first) and never evict.
+
+    Args:
+        device: The subscription being logged in.
+        known_held: The known user's subscriptions.
+        anonymous_held: The anonymous profile's subscriptions (``device`` among them).
+        limit: The per-user cap.
+
+    Raises:
+        ResourceExhausted: The known user's subscriptions are all addresses and at the cap.
+    """
+    evict = choose_evictions(known_held, adding=1, limit=limit)
+    room = limit - (len(known_held) - len(evict)) - 1
+    others = sorted(
+        (s for s in anonymous_held if s.subscription_id != device.subscription_id),
+        key=lambda s: (s.last_active_time, s.create_time),
+        reverse=True,
+    )
+    return MergePlan(evict=evict, move=[device, *others[:room]], drop=others[room:])
+
+
+async def _require_login_allowed(pool: asyncpg.Pool, caller: AppCaller) -> None:
+    """Refuse a client key unless its app allows client-side login."""
+    if not caller.is_client:
+        return
+    async with pool.acquire() as conn:
+        settings = await apps_store.get_app_settings(conn, caller.app_id)
+    if not settings.allow_client_login:
+        raise PermissionDenied(
+            "this app does not let client keys log users in or out; call it from your server, "
+            "or turn on the app's allow_client_login setting",
+            reason="CLIENT_LOGIN_DISABLED",
+        )
+
+
+async def login(
+    pool: asyncpg.Pool,
+    caller: AppCaller,
+    subscription_id: str,
+    external_id: str,
+    at: datetime,
+) -> LoginResult:
+    """Identify the holder of a subscription as ``external_id`` (see the module doc).
+
+    Args:
+        pool: The identity database.
+        caller: Who calls.
+        subscription_id: The device's subscription, as sent.
+        external_id: The customer's id in the caller's CRM.
+        at: Now.
+
+    Returns:
+        Who holds the subscription now, and whom it merged.
+
+    Raises:
+        PermissionDenied: ``CLIENT_LOGIN_DISABLED``: a client key, and the app does not allow it.
+        InvalidArgument: A missing or malformed subscription id or external id.
+        NotFound: No such subscription in the caller's app.
+        FailedPrecondition: ``USER_ALREADY_IDENTIFIED``: the holder has another external id.
+        ResourceExhausted: The known user's subscriptions are all addresses and at the cap.
+    """
+    await _require_login_allowed(pool, caller)
+    violations = FieldViolations()
+    parsed = check_subscription_id(subscription_id, "subscription_id", violations)
+    check_external_id(external_id, "external_id", violations)
+    violations.raise_if_any()
+    assert parsed is not None
+    return await retrying_transaction(
+        pool, lambda conn: _login(conn, caller, parsed, external_id, at)
+    )
+
+
+async def _login(
+    conn: DBConnection,
+    caller: AppCaller,
+    subscription_id: uuid.UUID,
+    external_id: str,
+    at: datetime,
+) -> LoginResult:
+    app_id = caller.app_id
+    seen = await store.get(conn, app_id, subscription_id)
+    if seen is None:
+        raise subscription_not_found(subscription_id)
+    known = (await users_store.users_by_external_id(conn, app_id, [external_id])).get(external_id)
+    wanted = [seen.user_id] if known is None else [seen.user_id, known]
+    users = await users_store.lock_profiles(conn, app_id, wanted)
+    device = await store.get(conn, app_id, subscription_id, for_update=True)
+    if device is None:
+        raise subscription_not_found(subscription_id)
+    if device.user_id != seen.user_id or not set(wanted) <= users.keys():
+        raise Retry  # merged, moved or erased since we looked: look again
+    holder = device.user_id
+    holder_external_id = users[holder].external_id
+    if holder_external_id == external_id:
+        return LoginResult(holder)
+    if holder_external_id is not None:
+        raise FailedPrecondition(
+            "the subscription's user is already identified by another external_id; two "
+            "identified users are never merged: Logout first, then Login",
+            reason="USER_ALREADY_IDENTIFIED",
+            metadata={"subscription_id": str(subscription_id)},
+        )
+    if known is None:
+        if not await store.set_external_id(conn, app_id, holder, external_id, at):
+            raise Retry  # another profile took the external id meanwhile: merge into it
+        await changes.publish(
+            conn,
+            [
+                changes.change(
+                    changes.Kind.KIND_USER_UPDATED,
+                    app_id=app_id,
+                    user_id=holder,
+                    at=at,
+                    external_id=external_id,
+                    changed_fields=["external_id"],
+                )
+            ],
+        )
+        return LoginResult(holder)
+    await _merge(conn, caller, device, known, external_id, at)
+    return LoginResult(known, merged_user_id=holder)
+
+
+async def _merge(
+    conn: DBConnection,
+    caller: AppCaller,
+    device: Subscription,
+    into: uuid.UUID,
+    external_id: str,
+    at: datetime,
+) -> None:
+    """Fold the device's anonymous holder into ``into`` (both locked, with the device)."""
+    app_id, source = caller.app_id, device.user_id
+    held = await store.fetch_for_users(conn, app_id, [into, source])
+    plan = plan_merge(device, held[into], held[source])
+    facts: list[IdentityChange] = []
+    evicted = await store.delete(conn, app_id, [s.subscription_id for s in plan.evict])
+    facts += [subscription_fact(changes.Kind.KIND_SUBSCRIPTION_REMOVED, s, at) for s in evicted]
+    moved = await store.move(conn, app_id, [s.subscription_id for s in plan.move], into, at)
+    facts += [
+        subscription_fact(changes.Kind.KIND_SUBSCRIPTION_CHANGED, s, at, ["user_id"]) for s in moved
+    ]
+    dropped = await store.delete(conn, app_id, [s.subscription_id for s in plan.drop])
+    facts += [subscription_fact(changes.Kind.KIND_SUBSCRIPTION_REMOVED, s, at) for s in dropped]
+    filled = await store.merge_profile(conn, app_id, source, into, at)
+    room = MAX_ALIASES - await users_store.count_aliases(conn, app_id, into)
+    aliases = await store.move_aliases(conn, app_id, source, into, room)
+    await store.record_merge(
+        conn,
+        app_id=app_id,
+        from_user_id=source,
+        into_user_id=into,
+        subscription_id=device.subscription_id,
+        key_id=caller.key_id,
+        at=at,
+    )
+    # After the merge record: the events consumer redirects late events of `source` by it.
+    await events_store.move_to_user(conn, app_id, source, into)
+    await store.delete_merged_user(conn, app_id, source)
+    facts.append(
+        changes.change(
+            changes.Kind.KIND_USER_MERGED,
+            app_id=app_id,
+            user_id=into,
+            at=at,
+            external_id=external_id,
+            merged_user_id=source,
+            changed_fields=[*filled, *(f"aliases.{label}" for label in aliases)],
+        )
+    )
+    await changes.publish(conn, facts)
+
+
+async def logout(
+    pool: asyncpg.Pool, caller: AppCaller, subscription_id: str, at: datetime
+) -> Subscription:
+    """Detach a subscription from its user onto a fresh anonymous profile.
+
+    Args:
+        pool: The identity database.
+        caller: Who calls.
+        subscription_id: The device's subscription, as sent.
+        at: Now.
+
+    Returns:
+        The subscription, as now held.
+
+    Raises:
+        PermissionDenied: ``CLIENT_LOGIN_DISABLED``: a client key, and the app does not allow it.
+        InvalidArgument: A missing or malformed subscription id.
+        NotFound: No such subscription in the caller's app.
+    """
+    await _require_login_allowed(pool, caller)
+    return await unassign_subscription(pool, caller, parse_subscription_id(subscription_id), at)
