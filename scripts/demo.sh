@@ -14,7 +14,7 @@ PY=$ROOT/.venv/bin/python
 # call <key> <method> <json>: print the call, run it, print the answer (indented).
 call() {
   local key=$1 method=$2 body=$3
-  printf '\n$ grpcurl -plaintext -H "authorization: Bearer %s" -d %q %s %s\n' \
+  printf '\n$ grpcurl -plaintext -H "authorization: Bearer %s" -d '"'"'%s'"'"' %s %s\n' \
     "${key:0:12}…" "$body" "$IDENTITY" "$method" >&2
   "$GRPCURL" -plaintext -H "authorization: Bearer $key" -d "$body" "$IDENTITY" "$method" \
     | tee /dev/stderr
@@ -22,9 +22,10 @@ call() {
 field() { "$PY" -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 suffix=$(date +%s)
+apns_token=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 app_id=$(call "$ADMIN_KEY" tidings.identity.v1.AppsService/CreateApp \
   "{\"app\": {\"display_name\": \"Demo $suffix\", \"settings\": {\"allow_client_login\": true}}}" \
-  | field appId)
+  | field app_id)
 server_key=$(call "$ADMIN_KEY" tidings.identity.v1.AppsService/CreateApiKey \
   "{\"app_id\": \"$app_id\", \"scope\": \"API_KEY_SCOPE_SERVER\", \"display_name\": \"backend\"}" \
   | field secret)
@@ -37,8 +38,8 @@ call "$server_key" tidings.identity.v1.IdentityService/UpsertUser \
 call "$server_key" tidings.identity.v1.IdentityService/AddAlias \
   '{"ref": {"external_id": "crm-42"}, "alias": {"label": "crm_id", "value": "A-0042"}}' >/dev/null
 subscription_id=$(call "$client_key" tidings.identity.v1.IdentityService/CreateSubscription \
-  "{\"subscription\": {\"type\": \"SUBSCRIPTION_TYPE_IOS_PUSH\", \"token\": \"demo-apns-token-$suffix\", \"device\": {\"model\": \"iPhone15,2\", \"os\": \"iOS 18.1\"}}}" \
-  | field subscriptionId)
+  "{\"subscription\": {\"type\": \"SUBSCRIPTION_TYPE_IOS_PUSH\", \"token\": \"$apns_token\", \"device\": {\"model\": \"iPhone15,2\", \"os\": \"iOS 18.1\"}}}" \
+  | field subscription_id)
 call "$client_key" tidings.identity.v1.IdentityService/Login \
   "{\"subscription_id\": \"$subscription_id\", \"external_id\": \"crm-42\"}" >/dev/null
 call "$client_key" tidings.identity.v1.IdentityService/TrackEvents \

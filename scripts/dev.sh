@@ -66,6 +66,8 @@ TXT
     printf '$ grpcurl -plaintext 127.0.0.1:%s list\n' "${GRPC_PORT[$svc]}"
     "$GRPCURL" -plaintext "127.0.0.1:${GRPC_PORT[$svc]}" list | sed 's/^/  /'
   done
+  printf '\nA first session with identity (scripts/demo.sh; run it again any time):\n'
+  "$ROOT/scripts/demo.sh" 2>&1 >/dev/null
 }
 
 down() {

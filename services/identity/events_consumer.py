@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
@@ -47,6 +48,7 @@ from services.identity.events import properties_json
 from services.identity.events_store import NewEvent
 from services.runtime.app import Clock, ServiceContext
 from services.runtime.kafka import IDENTITY_EVENTS, BatchConsumer, Record
+from services.runtime.metrics import Metrics
 
 __all__ = ["GROUP_PREFIX", "MAX_BATCH", "EventStorer", "group_id_for", "run_events_consumer"]
 
@@ -344,6 +346,30 @@ async def _start_offsets(ctx: ServiceContext, group_id: str) -> None:
             await consumer.stop()
 
 
+# Per process (Metrics object): the runtime restarts a failed background task, and a registry
+# refuses a second metric of the same name.
+_COUNTERS: weakref.WeakKeyDictionary[Metrics, tuple[Counter, Counter]] = weakref.WeakKeyDictionary()
+
+
+def _counters(metrics: Metrics) -> tuple[Counter, Counter]:
+    if metrics not in _COUNTERS:
+        _COUNTERS[metrics] = (
+            Counter(
+                "identity_events_stored_total",
+                "Tracked events stored by the identity.events consumer.",
+                registry=metrics.registry,
+            ),
+            Counter(
+                "identity_events_dropped_total",
+                "Records of identity.events not stored, by reason (duplicate, unknown_app, "
+                "unknown_user, malformed).",
+                ["reason"],
+                registry=metrics.registry,
+            ),
+        )
+    return _COUNTERS[metrics]
+
+
 async def run_events_consumer(ctx: ServiceContext) -> None:
     """Background task: consume ``identity.events`` into Postgres until cancelled.
 
@@ -351,27 +377,13 @@ async def run_events_consumer(ctx: ServiceContext) -> None:
         ctx: The service context (pool, settings, clock, metrics).
 
     Raises:
-        HandlerFailedError: Storing a batch kept failing; the process exits and its supervisor
-            restarts it (the batch was not committed, so nothing is lost).
+        HandlerFailedError: Storing a batch kept failing; the runtime restarts the task after a
+            backoff (the batch was not committed, so nothing is lost).
     """
     async with ctx.pool.acquire() as conn:
         group_id = group_id_for(await events_store.database_instance_id(conn))
-    storer = EventStorer(
-        ctx.pool,
-        clock=ctx.clock,
-        stored=Counter(
-            "identity_events_stored_total",
-            "Tracked events stored by the identity.events consumer.",
-            registry=ctx.metrics.registry,
-        ),
-        dropped=Counter(
-            "identity_events_dropped_total",
-            "Records of identity.events not stored, by reason (duplicate, unknown_app, "
-            "unknown_user, malformed).",
-            ["reason"],
-            registry=ctx.metrics.registry,
-        ),
-    )
+    stored, dropped = _counters(ctx.metrics)
+    storer = EventStorer(ctx.pool, clock=ctx.clock, stored=stored, dropped=dropped)
     await storer.prepare()
     await _start_offsets(ctx, group_id)
     consumer = BatchConsumer(

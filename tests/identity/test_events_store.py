@@ -437,3 +437,10 @@ async def test_a_new_group_skips_what_was_produced_before_its_apps(
     # Committed offsets are kept: a second start changes nothing.
     await events_consumer._start_offsets(ctx, group)
     assert await committed_offsets(group) == started
+
+
+def test_a_restarted_consumer_reuses_its_metrics() -> None:
+    # The runtime restarts a failed background task in the same process; registering the
+    # counters again would raise "duplicated timeseries".
+    metrics = Metrics()
+    assert events_consumer._counters(metrics) == events_consumer._counters(metrics)
