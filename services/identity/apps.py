@@ -17,11 +17,8 @@ Other identity modules read an app's switches with :func:`get_app_settings`::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
-import json
 import secrets
 import uuid
 import zoneinfo
@@ -39,6 +36,7 @@ from services.identity.apps_store import (
     UndefinedFields,
     get_app_settings,
 )
+from services.runtime import paging
 from services.runtime.auth import Principal, Scope
 from services.runtime.errors import (
     FieldViolation,
@@ -66,8 +64,6 @@ __all__ = [
     "authenticate_secret",
     "create_api_key",
     "create_app",
-    "decode_page_token",
-    "encode_page_token",
     "get_app",
     "get_app_settings",
     "hash_secret",
@@ -76,7 +72,6 @@ __all__ = [
     "list_apps",
     "looks_like_secret",
     "new_secret",
-    "page_size",
     "principal_for",
     "revoke_api_key",
     "update_app",
@@ -307,56 +302,33 @@ def _require(violations: FieldViolations, field: str, value: str) -> None:
 # --- paging ---------------------------------------------------------------------------------
 
 
-def page_size(requested: int) -> int:
-    """The number of items to return for a requested ``page_size`` (AIP-158).
-
-    0 means the default (50); more than 1,000 is coerced to 1,000.
-
-    Raises:
-        InvalidArgument: Naming ``page_size`` if it is negative.
-    """
-    if requested < 0:
-        raise _invalid("page_size", "must not be negative", "OUT_OF_RANGE")
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(requested, MAX_PAGE_SIZE)
+def _page_size(requested: int) -> int:
+    """The number of items to serve: 50 for 0, at most 1,000 (AIP-158)."""
+    return paging.page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
-def encode_page_token(kind: str, create_time: datetime, item_id: str) -> str:
-    """An opaque token for the position after ``(create_time, item_id)`` in a ``kind`` list.
-
-    Args:
-        kind: Which list the token belongs to, so a token of one list is refused by another.
-        create_time: Sort key of the last item returned.
-        item_id: Id of the last item returned (breaks ties between equal times).
-    """
-    raw = json.dumps([kind, create_time.isoformat(), item_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def _encode_position(list_name: str, create_time: datetime, item_id: str) -> str:
+    """A page token for the position after ``(create_time, item_id)`` in ``list_name``."""
+    return paging.encode_page_token(list_name, {"t": create_time.isoformat(), "id": item_id})
 
 
-def decode_page_token(kind: str, token: str) -> tuple[datetime, str] | None:
-    """The position a ``page_token`` stands for; None for an empty token (the first page).
+def _decode_position(list_name: str, token: str) -> tuple[datetime, str] | None:
+    """The ``(create_time, item_id)`` a page token stands for; None for the first page.
 
     Raises:
-        InvalidArgument: Naming ``page_token`` if it was not made by :func:`encode_page_token`
-            for the same ``kind``.
+        InvalidArgument: Naming ``page_token`` if it is not a token of ``list_name``.
     """
     if not token:
         return None
+    position = paging.decode_page_token(list_name, token)
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        token_kind, time_text, item_id = json.loads(raw)
-        if token_kind != kind or not isinstance(item_id, str):
-            raise ValueError(token_kind)
-        position = datetime.fromisoformat(time_text)
-        if position.tzinfo is None:
-            raise ValueError(time_text)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
-        # ValueError covers bad JSON too (JSONDecodeError), TypeError a wrong shape.
-        raise _invalid(
-            "page_token", "not a page token from a previous answer", "INVALID_FORMAT"
-        ) from None
-    return position, item_id
+        create_time = datetime.fromisoformat(position["t"])
+        item_id = position["id"]
+    except (KeyError, ValueError):
+        raise paging.bad_page_token() from None
+    if create_time.tzinfo is None:
+        raise paging.bad_page_token()
+    return create_time, item_id
 
 
 def _app_not_found(app_id: str) -> NotFound:
@@ -435,8 +407,8 @@ async def list_apps(pool: asyncpg.Pool, *, requested_size: int, page_token: str)
     Raises:
         InvalidArgument: ``page_size`` negative or ``page_token`` not one of ours.
     """
-    size = page_size(requested_size)
-    after = decode_page_token("apps", page_token)
+    size = _page_size(requested_size)
+    after = _decode_position("apps", page_token)
     async with pool.acquire() as conn:
         # One more than asked: whether it comes back tells if there is a next page.
         apps = await apps_store.list_apps(conn, after=after, limit=size + 1)
@@ -445,7 +417,7 @@ async def list_apps(pool: asyncpg.Pool, *, requested_size: int, page_token: str)
     last = apps[size - 1]
     return AppPage(
         apps=apps[:size],
-        next_page_token=encode_page_token("apps", last.create_time, last.app_id),
+        next_page_token=_encode_position("apps", last.create_time, last.app_id),
     )
 
 
@@ -531,8 +503,8 @@ async def list_api_keys(
     violations = FieldViolations()
     _require(violations, "app_id", app_id)
     violations.raise_if_any()
-    size = page_size(requested_size)
-    before = decode_page_token("api_keys", page_token)
+    size = _page_size(requested_size)
+    before = _decode_position("api_keys", page_token)
     async with pool.acquire() as conn:
         keys = await apps_store.list_api_keys(conn, app_id=app_id, before=before, limit=size + 1)
         # An empty page is ambiguous: an app without keys, or no app at all.
@@ -543,7 +515,7 @@ async def list_api_keys(
     last = keys[size - 1]
     return ApiKeyPage(
         api_keys=keys[:size],
-        next_page_token=encode_page_token("api_keys", last.create_time, last.key_id),
+        next_page_token=_encode_position("api_keys", last.create_time, last.key_id),
     )
 
 

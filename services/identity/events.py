@@ -21,8 +21,6 @@ become JSON once, in the consumer (:func:`properties_json`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
@@ -41,6 +39,7 @@ from tidings.identity.v1.user_ref_pb2 import UserRef
 from services.identity import events_store, refs, users
 from services.identity.access import AppCaller
 from services.identity.events_store import Event
+from services.runtime import paging
 from services.runtime.app import ServiceContext
 from services.runtime.db import DBConnection
 from services.runtime.errors import (
@@ -417,10 +416,9 @@ def _fingerprint(app_id: str, user_id: uuid.UUID, query: EventQuery) -> str:
 
 
 def encode_page_token(last: Event, fingerprint: str) -> str:
-    """The opaque token that continues after ``last``."""
-    micros = _epoch_micros(last.occurred_at)
-    raw = json.dumps([micros, last.event_id, fingerprint], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """The opaque token that continues after ``last`` in the query ``fingerprint`` names."""
+    position = {"t": str(_epoch_micros(last.occurred_at)), "e": last.event_id}
+    return paging.encode_page_token(f"events/{fingerprint}", position)
 
 
 def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str]:
@@ -430,27 +428,11 @@ def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str]:
         InvalidArgument: The token is malformed or belongs to another query (field
             ``page_token``).
     """
-    invalid = InvalidArgument(
-        "page_token is not a token of this query; start again without one",
-        reason="INVALID_PAGE_TOKEN",
-        field_violations=[_violation("page_token", "not a next_page_token of this query")],
-    )
+    position = paging.decode_page_token(f"events/{fingerprint}", token)
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        micros, event_id, token_fingerprint = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        raise invalid from None
-    if (
-        token_fingerprint != fingerprint
-        or not isinstance(micros, int)
-        or not isinstance(event_id, str)
-    ):
-        raise invalid
-    try:
-        occurred_at = _EPOCH + timedelta(microseconds=micros)
-    except OverflowError:
-        raise invalid from None
-    return occurred_at, event_id
+        return _EPOCH + timedelta(microseconds=int(position["t"])), position["e"]
+    except (KeyError, ValueError, OverflowError):
+        raise paging.bad_page_token() from None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -486,8 +468,8 @@ async def list_events(ctx: ServiceContext, caller: AppCaller, query: EventQuery)
         InvalidArgument: Bad filters, a negative page size or a foreign page token.
         NotFound: The ref names no user of the caller's app.
     """
-    _check_query(query)
-    limit = min(query.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    _check_query(query)  # names a negative page_size along with any other bad field
+    limit = paging.page_size(query.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
     async with ctx.pool.acquire() as conn:
         resolved = await refs.resolve_user_id(conn, caller.app_id, query.ref, field="user")
         fingerprint = _fingerprint(caller.app_id, resolved, query)

@@ -29,17 +29,13 @@ The rules, in one place (the gRPC layer only translates protobuf to the types he
 
 from __future__ import annotations
 
-import base64
-import binascii
 import calendar
-import json
 import math
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
-from typing import NoReturn
 
 import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -75,9 +71,14 @@ from services.runtime.errors import (
     FailedPrecondition,
     FieldViolation,
     FieldViolations,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
+)
+from services.runtime.paging import (
+    bad_page_token,
+    decode_page_token,
+    encode_page_token,
+    page_size,
 )
 
 __all__ = [
@@ -108,7 +109,6 @@ __all__ = [
     "get_users",
     "list_customer_fields",
     "list_users",
-    "page_size",
     "prepare_write",
     "remove_alias",
     "typed_attributes",
@@ -915,51 +915,9 @@ async def get_users(
     return results
 
 
-def page_size(requested: int, field_path: str = "page_size") -> int:
-    """The page size to serve: the default for 0, at most :data:`MAX_PAGE_SIZE`.
-
-    Raises:
-        InvalidArgument: For a negative size.
-    """
-    if requested < 0:
-        violations = FieldViolations()
-        violations.add(field_path, "must not be negative")
-        violations.raise_if_any()
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_page_token(kind: str, position: Mapping[str, str]) -> str:
-    """An opaque page token for ``position`` in a list of ``kind``."""
-    payload = json.dumps({"k": kind, **position}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
-
-
-def decode_page_token(kind: str, token: str, field_path: str = "page_token") -> dict[str, str]:
-    """The position a token from :func:`encode_page_token` stands for.
-
-    Raises:
-        InvalidArgument: If the token was not made by us for a list of ``kind``.
-    """
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if (
-            isinstance(payload, dict)
-            and payload.pop("k", None) == kind
-            and all(isinstance(value, str) for value in payload.values())
-        ):
-            return payload
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        pass
-    _bad_token(field_path)
-
-
-def _bad_token(field_path: str = "page_token") -> NoReturn:
-    raise InvalidArgument(
-        "the page token is not from a previous answer of this method",
-        reason="INVALID_PAGE_TOKEN",
-        field_violations=_violation(field_path, "not a page token from this list"),
-    )
+def _page_size(requested: int) -> int:
+    """The page size to serve: the default for 0, at most :data:`MAX_PAGE_SIZE`."""
+    return page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
 async def list_users(
@@ -973,14 +931,14 @@ async def list_users(
     Raises:
         InvalidArgument: ``page_size`` negative or ``page_token`` not ours.
     """
-    limit = page_size(size)
+    limit = _page_size(size)
     after = None
     if token:
         position = decode_page_token("users", token)
         try:
             after = (datetime.fromisoformat(position["t"]), uuid.UUID(position["u"]))
         except (KeyError, ValueError):
-            _bad_token()
+            raise bad_page_token() from None
     ids = await users_store.list_user_ids(conn, app_id, after=after, limit=limit + 1)
     page = ids[:limit]
     users = await users_store.load_users(conn, app_id, page, with_subscriptions=False)
@@ -1193,7 +1151,7 @@ async def list_customer_fields(
     conn: DBConnection, app_id: str, *, size: int, token: str
 ) -> tuple[list[CustomerField], str]:
     """One page of an app's customer fields by name, and the next page's token."""
-    limit = page_size(size)
+    limit = _page_size(size)
     after = decode_page_token("fields", token).get("n") if token else None
     fields = await users_store.list_customer_fields(conn, app_id, after=after, limit=limit + 1)
     next_token = (

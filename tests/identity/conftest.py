@@ -22,6 +22,7 @@ from tidings.identity.v1 import (
 )
 
 from tests.conftest import temporary_database, unique_name
+from tests.identity.support import ChangeFeed
 
 if TYPE_CHECKING:
     from tidings.identity.v1.apps_service_pb2_grpc import AppsServiceAsyncStub
@@ -117,6 +118,13 @@ async def create_test_app(
 async def app(apps_stub: AppsServiceAsyncStub) -> TestApp:
     """A fresh app for this test."""
     return await create_test_app(apps_stub)
+
+
+@pytest.fixture
+async def feed(app: TestApp) -> AsyncIterator[ChangeFeed]:
+    """The change facts of this test's app, from before the test acts."""
+    async with ChangeFeed(app.app_id) as changes:
+        yield changes
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from tidings.identity.v1 import user_pb2, user_ref_pb2
 
 from services.identity.users import MAX_ALIASES
 from tests.identity.conftest import TestApp as AppKeys
-from tests.identity.users_helpers import ChangeFeed, by_alias, by_id, ext, failure, new_id
+from tests.identity.support import ChangeFeed, by_alias, by_id, ext, failure, new_id
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import (
@@ -142,13 +142,13 @@ async def test_remove_alias(identity_stub: IdentityServiceStub, app: AppKeys) ->
     user = await _user(identity_stub, app)
     value = new_id("crm")
     await _add(identity_stub, app, by_id(user.user_id), "crm_id", value)
-    async with ChangeFeed() as feed:
+    async with ChangeFeed(app.app_id) as feed:
         removed = await identity_stub.RemoveAlias(
             pb.RemoveAliasRequest(ref=by_alias("crm_id", value), label="crm_id"),
             metadata=app.server,
         )
         assert list(removed.aliases) == []
-        facts = await feed.wait_for([user.user_id], 1)
+        facts = await feed.about([user.user_id], 1)
     assert facts[0].kind == IdentityChange.KIND_USER_UPDATED
     assert list(facts[0].changed_fields) == ["aliases.crm_id"]
     gone = await failure(

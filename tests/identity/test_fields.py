@@ -12,7 +12,7 @@ from tidings.identity.v1 import user_pb2
 
 from services.identity.fields import attribute_name_problem
 from tests.identity.conftest import TestApp as AppKeys
-from tests.identity.users_helpers import ext, failure, n, new_id, s
+from tests.identity.support import ext, failure, n, new_id, s
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import (

@@ -32,7 +32,7 @@ from services.runtime.db import DBConnection, create_pool
 from services.runtime.errors import NotFound
 from services.runtime.migrations import migrate, sources_for
 from tests.identity.conftest import TestApp as AppKeys
-from tests.identity.users_helpers import ChangeFeed, by_alias, by_id, ext, failure, new_id, s
+from tests.identity.support import ChangeFeed, by_alias, by_id, ext, failure, new_id, s
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import (
@@ -130,11 +130,11 @@ async def test_export_then_erase(identity_stub: IdentityServiceStub, app: AppKey
         (device.user_id, user_id, device.subscription_id)
     ]
 
-    async with ChangeFeed() as feed:
+    async with ChangeFeed(app.app_id) as feed:
         await identity_stub.DeleteUser(
             pb.DeleteUserRequest(ref=by_alias("crm_id", crm)), metadata=app.server
         )
-        (fact,) = await feed.wait_for([user_id], 1)
+        (fact,) = await feed.about([user_id], 1)
     assert (fact.kind, fact.external_id, fact.app_id) == (
         IdentityChange.KIND_USER_DELETED,
         cid,

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import grpc.aio
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,14 +26,13 @@ from tidings.identity.v1 import subscription_pb2 as spb
 from services.runtime.kafka import DELIVERY_RECEIPTS, Producer
 from tests.conftest import KAFKA_BOOTSTRAP
 from tests.identity.conftest import TestApp
-from tests.identity.subscription_support import (
+from tests.identity.support import (
     EMAIL,
     IOS,
     ChangeFeed,
     Kind,
     address,
-    by_user_id,
-    change_feed,
+    by_id,
     create,
     ios_token,
     push,
@@ -42,17 +40,6 @@ from tests.identity.subscription_support import (
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
     Stub = identity_service_pb2_grpc.IdentityServiceAsyncStub
-
-
-@pytest.fixture
-def ids(identity_channel: grpc.aio.Channel) -> Stub:
-    return identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
-
-
-@pytest.fixture
-async def feed(app: TestApp) -> AsyncIterator[ChangeFeed]:
-    async with change_feed(app.app_id) as changes:
-        yield changes
 
 
 @pytest.fixture
@@ -87,11 +74,13 @@ def receipt(
     )
 
 
-async def until_disabled(ids: Stub, app: TestApp, subscription_id: str) -> spb.Subscription:
+async def until_disabled(
+    identity_stub: Stub, app: TestApp, subscription_id: str
+) -> spb.Subscription:
     """Poll GetSubscription until the subscription is disabled (20 s at most)."""
     deadline = time.monotonic() + 20
     while True:
-        found = await ids.GetSubscription(
+        found = await identity_stub.GetSubscription(
             pb.GetSubscriptionRequest(subscription_id=subscription_id), metadata=app.server
         )
         if not found.enabled:
@@ -105,23 +94,23 @@ async def send(producer: Producer, key: str, *receipts: DeliveryReceipt) -> None
 
 
 async def test_a_dead_token_disables_its_subscription_once(
-    ids: Stub, app: TestApp, producer: Producer, feed: ChangeFeed
+    identity_stub: Stub, app: TestApp, producer: Producer, feed: ChangeFeed
 ) -> None:
-    device = await ids.CreateSubscription(create(push(IOS)), metadata=app.client)
-    sentinel = await ids.CreateSubscription(
-        create(push(IOS), by_user_id(device.user_id)), metadata=app.server
+    device = await identity_stub.CreateSubscription(create(push(IOS)), metadata=app.client)
+    sentinel = await identity_stub.CreateSubscription(
+        create(push(IOS), by_id(device.user_id)), metadata=app.server
     )
     dead = receipt(device, app_id=app.app_id)
     await send(producer, device.user_id, dead, dead)  # delivered twice, as Kafka may
 
-    disabled = await until_disabled(ids, app, device.subscription_id)
+    disabled = await until_disabled(identity_stub, app, device.subscription_id)
     assert disabled.disabled_reason == "apns:Unregistered"
     assert disabled.token == device.token
     assert disabled.user_id == device.user_id
 
     # An operator turns it back on; a replay of the same receipt must not turn it off again
     # (only the inbox can tell: the subscription is enabled, its token unchanged).
-    await ids.UpdateSubscription(
+    await identity_stub.UpdateSubscription(
         pb.UpdateSubscriptionRequest(
             subscription=spb.Subscription(subscription_id=device.subscription_id, enabled=True),
             update_mask=FieldMask(paths=["enabled"]),
@@ -129,10 +118,10 @@ async def test_a_dead_token_disables_its_subscription_once(
         metadata=app.server,
     )
     await send(producer, device.user_id, dead, receipt(sentinel, app_id=app.app_id, detail=""))
-    assert (await until_disabled(ids, app, sentinel.subscription_id)).disabled_reason == (
+    assert (await until_disabled(identity_stub, app, sentinel.subscription_id)).disabled_reason == (
         "token_invalid"
     )
-    found = await ids.GetSubscription(
+    found = await identity_stub.GetSubscription(
         pb.GetSubscriptionRequest(subscription_id=device.subscription_id), metadata=app.server
     )
     assert found.enabled
@@ -144,14 +133,14 @@ async def test_a_dead_token_disables_its_subscription_once(
 
 
 async def test_receipts_that_do_not_declare_a_token_dead_change_nothing(
-    ids: Stub, app: TestApp, other_app: TestApp, producer: Producer
+    identity_stub: Stub, app: TestApp, other_app: TestApp, producer: Producer
 ) -> None:
-    mail = await ids.CreateSubscription(create(address(EMAIL)), metadata=app.server)
-    rotated = await ids.CreateSubscription(
-        create(push(IOS), by_user_id(mail.user_id)), metadata=app.server
+    mail = await identity_stub.CreateSubscription(create(address(EMAIL)), metadata=app.server)
+    rotated = await identity_stub.CreateSubscription(
+        create(push(IOS), by_id(mail.user_id)), metadata=app.server
     )
     sent_before_rotation = datetime.now(UTC) - timedelta(seconds=1)
-    await ids.UpdateSubscription(
+    await identity_stub.UpdateSubscription(
         pb.UpdateSubscriptionRequest(
             subscription=spb.Subscription(
                 subscription_id=rotated.subscription_id, token=ios_token()
@@ -160,8 +149,8 @@ async def test_receipts_that_do_not_declare_a_token_dead_change_nothing(
         ),
         metadata=app.client,
     )
-    sentinel = await ids.CreateSubscription(
-        create(push(IOS), by_user_id(mail.user_id)), metadata=app.server
+    sentinel = await identity_stub.CreateSubscription(
+        create(push(IOS), by_id(mail.user_id)), metadata=app.server
     )
     await send(
         producer,
@@ -182,9 +171,9 @@ async def test_receipts_that_do_not_declare_a_token_dead_change_nothing(
         receipt(rotated, app_id=app.app_id, occurred_at=sent_before_rotation),
         receipt(sentinel, app_id=app.app_id),
     )
-    await until_disabled(ids, app, sentinel.subscription_id)
+    await until_disabled(identity_stub, app, sentinel.subscription_id)
     for subscription in (mail, rotated):
-        found = await ids.GetSubscription(
+        found = await identity_stub.GetSubscription(
             pb.GetSubscriptionRequest(subscription_id=subscription.subscription_id),
             metadata=app.server,
         )
@@ -193,14 +182,14 @@ async def test_receipts_that_do_not_declare_a_token_dead_change_nothing(
 
 
 async def test_presenting_a_dead_token_again_enables_it(
-    ids: Stub, app: TestApp, producer: Producer, feed: ChangeFeed
+    identity_stub: Stub, app: TestApp, producer: Producer, feed: ChangeFeed
 ) -> None:
     registration = push(IOS)
-    device = await ids.CreateSubscription(create(registration), metadata=app.client)
+    device = await identity_stub.CreateSubscription(create(registration), metadata=app.client)
     await send(producer, device.user_id, receipt(device, app_id=app.app_id))
-    await until_disabled(ids, app, device.subscription_id)
+    await until_disabled(identity_stub, app, device.subscription_id)
     # The app reinstalled on the device registers the same token after the verdict.
-    again = await ids.CreateSubscription(create(registration), metadata=app.client)
+    again = await identity_stub.CreateSubscription(create(registration), metadata=app.client)
     assert again.subscription_id == device.subscription_id
     assert (again.enabled, again.disabled_reason) == (True, "")
     facts = await feed.wait_for(Kind.KIND_SUBSCRIPTION_CHANGED, device.subscription_id)

@@ -44,7 +44,7 @@ from services.runtime.errors import (
 )
 from tests.identity.conftest import TestApp as AppKeys
 from tests.identity.conftest import create_test_app
-from tests.identity.users_helpers import (
+from tests.identity.support import (
     NULL,
     ChangeFeed,
     b,
@@ -783,7 +783,7 @@ async def test_user_methods_need_a_server_key(
 async def test_changes_are_published_with_what_changed(
     identity_stub: IdentityServiceStub, app: AppKeys
 ) -> None:
-    async with ChangeFeed() as feed:
+    async with ChangeFeed(app.app_id) as feed:
         cid = new_id()
         created = (
             await _upsert(identity_stub, app, ext(cid), first_name="Ana", attributes={"p": s("x")})
@@ -797,7 +797,7 @@ async def test_changes_are_published_with_what_changed(
             metadata=app.server,
         )
         batch_ids = [r.user.user_id for r in batch.results]
-        facts = await feed.wait_for([created.user_id, *batch_ids], 5)
+        facts = await feed.about([created.user_id, *batch_ids], 5)
     mine = [f for f in facts if f.user_id == created.user_id]
     assert [f.kind for f in mine] == [
         IdentityChange.KIND_USER_CREATED,
