@@ -531,8 +531,11 @@ async def revoke_api_key(pool: asyncpg.Pool, *, app_id: str, key_id: str) -> Api
     _require(violations, "app_id", app_id)
     _require(violations, "key_id", key_id)
     violations.raise_if_any()
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
         record = await apps_store.revoke_api_key(conn, app_id=app_id, key_id=key_id)
+        if record is not None:
+            # In the transaction: every replica's key cache drops the key once this commits.
+            await apps_store.notify_key_revoked(conn, key_id)
     if record is None:
         raise NotFound(
             f"API key {key_id!r} not found in app {app_id!r}",

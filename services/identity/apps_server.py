@@ -16,6 +16,7 @@ from tidings.identity.v1 import app_pb2, apps_service_pb2, apps_service_pb2_grpc
 from services.identity import apps
 from services.identity.access import require_admin
 from services.identity.apps import ApiKeyRecord, AppRecord, AppSettingsRecord, UndefinedFields
+from services.identity.key_cache import KeyCache
 from services.runtime.app import ServiceContext
 from services.runtime.auth import Scope
 
@@ -86,10 +87,16 @@ def _key_out(key: ApiKeyRecord) -> app_pb2.ApiKey:
 
 
 class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
-    """``tidings.identity.v1.AppsService``: apps and API keys (admin key only)."""
+    """``tidings.identity.v1.AppsService``: apps and API keys (admin key only).
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    Args:
+        ctx: The service context.
+        keys: The process's key cache, which RevokeApiKey updates before answering.
+    """
+
+    def __init__(self, ctx: ServiceContext, keys: KeyCache) -> None:
         self._ctx = ctx
+        self._keys = keys
 
     async def CreateApp(
         self, request: apps_service_pb2.CreateAppRequest, context: _Context
@@ -176,6 +183,9 @@ class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
         key = await apps.revoke_api_key(
             self._ctx.pool, app_id=request.app_id, key_id=request.key_id
         )
+        # The NOTIFY reaches this process too, but maybe after the caller's next call: forget
+        # the key here before answering, so this replica refuses that call for certain.
+        self._keys.forget(key.key_id)
         return _key_out(key)
 
     async def AuthenticateKey(

@@ -21,6 +21,7 @@ from services.runtime.db import DBConnection
 from services.runtime.errors import NotFound
 
 __all__ = [
+    "API_KEYS_CHANNEL",
     "ApiKeyRecord",
     "AppRecord",
     "AppSettingsRecord",
@@ -34,6 +35,7 @@ __all__ = [
     "insert_app",
     "list_api_keys",
     "list_apps",
+    "notify_key_revoked",
     "revoke_api_key",
     "settings_from_json",
     "settings_to_json",
@@ -146,6 +148,9 @@ def _api_key(row: asyncpg.Record) -> ApiKeyRecord:
 
 
 _APP_COLUMNS = "app_id, display_name, settings, create_time, update_time"
+#: The NOTIFY channel revocations are announced on; the payload is the key id.
+API_KEYS_CHANNEL = "tidings_api_keys"
+
 _KEY_COLUMNS = "key_id, app_id, scope, display_name, prefix, create_time, revoke_time"
 
 
@@ -353,11 +358,20 @@ async def revoke_api_key(conn: DBConnection, *, app_id: str, key_id: str) -> Api
     return None if row is None else _api_key(row)
 
 
+async def notify_key_revoked(conn: DBConnection, key_id: str) -> None:
+    """Tell every identity process that ``key_id`` was revoked (their key caches drop it).
+
+    Call it in the revoking transaction: Postgres delivers the notification only on commit, so
+    a replica never forgets a key whose revocation then rolls back.
+    """
+    await conn.execute("SELECT pg_notify($1, $2)", API_KEYS_CHANNEL, key_id)
+
+
 async def find_api_key_by_hash(conn: DBConnection, secret_hash: bytes) -> ApiKeyRecord | None:
     """The key whose secret hashes to ``secret_hash`` (revoked or not), or None.
 
-    One lookup on the unique index over ``secret_hash``: cheap enough to run on every call, so
-    nothing is cached and a revocation takes effect on the very next call.
+    One lookup on the unique index over ``secret_hash``; callers cache valid keys
+    (:mod:`services.identity.key_cache`), revocations reach the caches by NOTIFY.
     """
     row = await conn.fetchrow(
         f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1", secret_hash

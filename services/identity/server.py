@@ -7,6 +7,7 @@ protobuf to domain calls and back, nothing else.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import grpc.aio
@@ -17,10 +18,11 @@ from tidings.identity.v1 import (
     identity_service_pb2_grpc,
 )
 
-from services.identity.api_key_auth import authenticator
+from services.identity.api_key_auth import ApiKeyAuthenticator
 from services.identity.apps_server import AppsServicer
 from services.identity.events_consumer import run_events_consumer
 from services.identity.events_server import EventsRpcs
+from services.identity.key_cache import KeyCache
 from services.identity.receipts_consumer import run_receipts_consumer
 from services.identity.settings import IdentitySettings
 from services.identity.subscriptions_server import SubscriptionsRpcs
@@ -45,20 +47,23 @@ class IdentityServicer(
         self._ctx = ctx
 
 
-def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
+def register(server: grpc.aio.Server, ctx: ServiceContext, *, keys: KeyCache) -> list[str]:
     """Add identity's servicers to ``server``; returns their full service names."""
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(ctx), server)
-    apps_service_pb2_grpc.add_AppsServiceServicer_to_server(AppsServicer(ctx), server)
+    apps_service_pb2_grpc.add_AppsServiceServicer_to_server(AppsServicer(ctx, keys), server)
     return [IDENTITY_SERVICE, APPS_SERVICE]
 
 
 def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
     """The identity service for the runtime; settings are read from the environment by default."""
+    # One cache per process, shared by the authenticator (reads), RevokeApiKey (drops a key at
+    # once here) and the LISTEN task (drops keys revoked by any replica).
+    keys = KeyCache()
     return ServiceSpec(
         name="identity",
         settings=settings or IdentitySettings(),
         migrations_dir=MIGRATIONS_DIR,
-        register=register,
-        authenticator=authenticator,
-        background=[run_events_consumer, run_receipts_consumer],
+        register=functools.partial(register, keys=keys),
+        authenticator=lambda ctx: ApiKeyAuthenticator(ctx, keys),
+        background=[run_events_consumer, run_receipts_consumer, keys.listen],
     )

@@ -45,9 +45,11 @@ __all__ = [
     "merge_profile",
     "move",
     "move_aliases",
+    "prefixed_columns",
     "record_merge",
     "save",
     "set_external_id",
+    "subscription_from_row",
 ]
 
 
@@ -193,28 +195,44 @@ _COLUMNS = """
 _S_COLUMNS = ", ".join(f"s.{name.strip()}" for name in _COLUMNS.split(","))
 
 
-def _subscription(row: asyncpg.Record) -> Subscription:
-    p256dh, auth = row["web_push_p256dh"], row["web_push_auth"]
+def prefixed_columns(alias: str, prefix: str) -> str:
+    """The subscription columns of table alias ``alias``, each renamed ``<prefix><name>``.
+
+    For statements that return subscriptions next to another table's columns of the same names
+    (``user_id``, ``create_time``); read the rows back with :func:`subscription_from_row`.
+    """
+    return ", ".join(
+        f"{alias}.{name.strip()} AS {prefix}{name.strip()}" for name in _COLUMNS.split(",")
+    )
+
+
+def subscription_from_row(row: asyncpg.Record, prefix: str = "") -> Subscription:
+    """The subscription in ``row``, whose columns are named ``<prefix><column>``."""
+    p256dh, auth = row[f"{prefix}web_push_p256dh"], row[f"{prefix}web_push_auth"]
     return Subscription(
-        app_id=row["app_id"],
-        subscription_id=row["subscription_id"],
-        user_id=row["user_id"],
-        type=SubscriptionType(row["type"]),
-        token=row["token"],
+        app_id=row[f"{prefix}app_id"],
+        subscription_id=row[f"{prefix}subscription_id"],
+        user_id=row[f"{prefix}user_id"],
+        type=SubscriptionType(row[f"{prefix}type"]),
+        token=row[f"{prefix}token"],
         web_push_keys=WebPushKeys(p256dh, auth)
         if p256dh is not None and auth is not None
         else None,
-        enabled=row["enabled"],
-        disabled_reason=row["disabled_reason"],
-        opt_in=OptIn(row["opt_in"]),
-        opt_in_change_time=row["opt_in_change_time"],
-        opt_in_reason=row["opt_in_reason"],
-        device=DeviceInfo.from_json(row["device"]),
-        last_active_time=row["last_active_time"],
-        token_time=row["token_time"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
+        enabled=row[f"{prefix}enabled"],
+        disabled_reason=row[f"{prefix}disabled_reason"],
+        opt_in=OptIn(row[f"{prefix}opt_in"]),
+        opt_in_change_time=row[f"{prefix}opt_in_change_time"],
+        opt_in_reason=row[f"{prefix}opt_in_reason"],
+        device=DeviceInfo.from_json(row[f"{prefix}device"]),
+        last_active_time=row[f"{prefix}last_active_time"],
+        token_time=row[f"{prefix}token_time"],
+        create_time=row[f"{prefix}create_time"],
+        update_time=row[f"{prefix}update_time"],
     )
+
+
+def _subscription(row: asyncpg.Record) -> Subscription:
+    return subscription_from_row(row)
 
 
 async def fetch_for_users(

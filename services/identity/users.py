@@ -49,7 +49,7 @@ from services.identity.fields import (
     attribute_name_problem,
     validate_new_field,
 )
-from services.identity.refs import ByAlias, ByExternalId, RefKey
+from services.identity.refs import ByAlias, ByExternalId, BySubscription, ByUserId, RefKey
 from services.identity.users_store import Alias, Birthdate, JsonScalar, MergeRecord, Profile, User
 from services.identity.validation import (
     MAX_NAME_LENGTH,
@@ -106,6 +106,7 @@ __all__ = [
     "delete_user",
     "encode_page_token",
     "export_user",
+    "get_user",
     "get_users",
     "list_customer_fields",
     "list_users",
@@ -889,6 +890,36 @@ def typed_attributes(
                 pass  # not a time after all: show what is stored rather than fail the read
         typed[name] = value
     return typed
+
+
+async def get_user(conn: DBConnection, app_id: str, key: RefKey) -> User:
+    """The whole profile ``key`` names: what :func:`get_users` answers for one ref, in one query.
+
+    Raises:
+        NotFound: ``USER_NOT_FOUND`` if the ref names nobody in the app.
+    """
+    values: tuple[object, ...]
+    if isinstance(key, ByUserId):
+        values = (key.user_id,)
+    elif isinstance(key, ByExternalId):
+        values = (key.external_id,)
+    elif isinstance(key, ByAlias):
+        values = (key.label, key.value)
+    else:
+        values = (key.subscription_id,)
+    user = await users_store.load_user_by(conn, app_id, _REF_KINDS[type(key)], *values)
+    if user is None:
+        raise refs.user_not_found(key)
+    return user
+
+
+#: The store's name for each kind of reference.
+_REF_KINDS: dict[type, users_store.RefKind] = {
+    ByUserId: "user_id",
+    ByExternalId: "external_id",
+    ByAlias: "alias",
+    BySubscription: "subscription_id",
+}
 
 
 async def get_users(

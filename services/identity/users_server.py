@@ -256,10 +256,8 @@ class UsersRpcs:
         caller = access.server_app()
         key = refs.ref_key(request.ref)
         async with self._ctx.pool.acquire() as conn:
-            (result,) = await users.get_users(conn, caller.app_id, [key])
-        if isinstance(result, DomainError):
-            raise result
-        return user_to_proto(result)
+            user = await users.get_user(conn, caller.app_id, key)
+        return user_to_proto(user)
 
     async def BatchGetUsers(
         self, request: pb.BatchGetUsersRequest, context: _Context

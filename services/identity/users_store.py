@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -33,6 +33,7 @@ __all__ = [
     "JsonScalar",
     "MergeRecord",
     "Profile",
+    "RefKind",
     "User",
     "adopt_auto_defined_field",
     "alias_labels_of",
@@ -50,6 +51,7 @@ __all__ = [
     "insert_profiles",
     "list_customer_fields",
     "list_user_ids",
+    "load_user_by",
     "load_users",
     "lock_profiles",
     "lock_user",
@@ -444,20 +446,102 @@ async def insert_anonymous_users(
     return user_ids
 
 
-_LOAD_USERS = f"""
-SELECT {_PROFILE_COLUMNS},
+#: A profile with its aliases and the names of its timestamp attributes, from ``users u``.
+_USER_FIELDS = f"""
+{_PROFILE_COLUMNS},
     (SELECT coalesce(jsonb_agg(jsonb_build_array(a.label, a.value)
                                ORDER BY a.create_time, a.label), '[]')
      FROM user_aliases a WHERE a.app_id = u.app_id AND a.user_id = u.user_id) AS aliases,
     ARRAY(SELECT f.name FROM customer_fields f
           WHERE f.app_id = u.app_id AND f.type = 'timestamp' AND u.attributes ? f.name)
-        AS timestamp_attributes,
+        AS timestamp_attributes
+"""
+
+_LOAD_USERS = f"""
+SELECT {_USER_FIELDS},
     CASE WHEN $3 THEN (SELECT count(*) FROM events e
                        WHERE e.app_id = u.app_id AND e.user_id = u.user_id)
          ELSE 0 END AS event_count
 FROM users u
 WHERE u.app_id = $1 AND u.user_id = ANY($2::uuid[])
 """
+
+#: How :func:`load_user_by` finds the user, per kind of reference ($1 is the app; the
+#: reference's values follow). Same lookups as the ``users_by_*`` functions above.
+RefKind = Literal["user_id", "external_id", "alias", "subscription_id"]
+_TARGET: dict[RefKind, str] = {
+    "user_id": "SELECT $2::uuid AS user_id",
+    "external_id": f"SELECT user_id FROM users WHERE app_id = $1 AND external_id = $2 {_ONE}",
+    "alias": f"""
+        SELECT user_id FROM user_aliases WHERE app_id = $1 AND label = $2 AND value = $3 {_ONE}
+    """,
+    "subscription_id": f"""
+        SELECT user_id FROM subscriptions WHERE app_id = $1 AND subscription_id = $2 {_ONE}
+    """,
+}
+#: Column prefix of the subscription columns in :data:`_LOAD_USER_BY` (they share names with
+#: the profile's).
+_SUB = "s_"
+#: One round trip for a whole profile: resolve the ref, read the profile with its aliases and
+#: event count (once, MATERIALIZED), and join its subscriptions: one row per subscription, or
+#: one row with NULL subscription columns for a user with none; no row if the ref names nobody.
+_LOAD_USER_BY = {
+    kind: f"""
+WITH profile AS MATERIALIZED (
+    SELECT u.app_id AS profile_app_id, {_USER_FIELDS},
+        (SELECT count(*) FROM events e
+         WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS event_count
+    FROM ({target}) AS t(target_user_id)
+    JOIN users u ON u.app_id = $1 AND u.user_id = t.target_user_id
+)
+SELECT p.*, {subscriptions_store.prefixed_columns("s", _SUB)}
+FROM profile p
+LEFT JOIN subscriptions s ON s.app_id = p.profile_app_id AND s.user_id = p.user_id
+ORDER BY s.create_time, s.subscription_id
+"""
+    for kind, target in _TARGET.items()
+}
+
+
+def _user(row: asyncpg.Record) -> User:
+    """A profile row of :data:`_USER_FIELDS` (plus ``event_count``), without subscriptions."""
+    return User(
+        profile=_profile(row),
+        aliases=[Alias(label, value) for label, value in row["aliases"]],
+        timestamp_attributes=frozenset(row["timestamp_attributes"]),
+        subscriptions=[],
+        event_count=row["event_count"],
+    )
+
+
+async def load_user_by(
+    conn: DBConnection, app_id: str, kind: RefKind, *values: object
+) -> User | None:
+    """The whole profile a reference names, as :func:`load_users` reads it, in one statement.
+
+    GetUser's path: resolving the ref, the profile and the subscriptions were three round trips.
+
+    Args:
+        conn: Connection.
+        app_id: The app.
+        kind: How the user is named.
+        values: The reference: a user id, an external id, an alias's label and value, or a
+            subscription id.
+
+    Returns:
+        The user, or None if the reference names nobody in the app.
+    """
+    rows = await conn.fetch(_LOAD_USER_BY[kind], app_id, *values)
+    if not rows:
+        return None
+    user = _user(rows[0])
+    user.subscriptions = [
+        subscriptions_store.subscription_from_row(row, _SUB)
+        for row in rows
+        if row[f"{_SUB}subscription_id"] is not None
+    ]
+    user.subscription_count = len(user.subscriptions)
+    return user
 
 
 async def load_users(
@@ -482,16 +566,7 @@ async def load_users(
         The profiles by user id.
     """
     rows = await conn.fetch(_LOAD_USERS, app_id, list(user_ids), with_subscriptions)
-    users = {
-        row["user_id"]: User(
-            profile=_profile(row),
-            aliases=[Alias(label, value) for label, value in row["aliases"]],
-            timestamp_attributes=frozenset(row["timestamp_attributes"]),
-            subscriptions=[],
-            event_count=row["event_count"],
-        )
-        for row in rows
-    }
+    users = {row["user_id"]: _user(row) for row in rows}
     if with_subscriptions and users:
         held = await subscriptions_store.fetch_for_users(conn, app_id, list(users))
         for user_id, subscriptions in held.items():

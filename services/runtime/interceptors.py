@@ -48,7 +48,7 @@ from services.runtime.auth import (
 )
 from services.runtime.errors import Aborted, DomainError, Unavailable, to_status_proto
 from services.runtime.logging import bind_log_fields, exception_fields
-from services.runtime.metrics import Metrics, split_method
+from services.runtime.metrics import MethodMetrics, Metrics
 
 __all__ = ["ServiceInterceptor", "infrastructure_error"]
 
@@ -171,7 +171,12 @@ class ServiceInterceptor(_ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: _Handler, method: str) -> _Handler:
-        scope = self._scope
+        # Resolved once per method, not per call (see MethodMetrics).
+        method_metrics = self._metrics.for_method(method)
+
+        def scope(method: str, context: _Context) -> _CallScope:
+            return _CallScope(self, method, context, method_metrics)
+
         if not handler.request_streaming and not handler.response_streaming:
             unary_unary = cast("_Behaviour", handler.unary_unary)
 
@@ -235,9 +240,6 @@ class ServiceInterceptor(_ServerInterceptor):
 
         return factory(wrapped_writer, handler.request_deserializer, handler.response_serializer)
 
-    def _scope(self, method: str, context: _Context) -> _CallScope:
-        return _CallScope(self, method, context)
-
 
 async def _resolve(result: Any) -> Any:
     """Await the handler's result if it is awaitable (async handlers), else return it."""
@@ -254,20 +256,24 @@ class _CallScope:
     replaces it with an abort carrying the mapped status.
     """
 
-    def __init__(self, interceptor: ServiceInterceptor, method: str, context: _Context) -> None:
+    def __init__(
+        self,
+        interceptor: ServiceInterceptor,
+        method: str,
+        context: _Context,
+        metrics: MethodMetrics,
+    ) -> None:
         self._interceptor = interceptor
         self._method = method
         self._context = context
-        self._service = split_method(method)[0]
+        self._metrics = metrics
         self._started = 0.0
         self._public = not interceptor._policy(method)
 
     async def __aenter__(self) -> _CallScope:
-        interceptor = self._interceptor
         self._started = time.perf_counter()
-        service, name = split_method(self._method)
-        interceptor._metrics.rpc_started.labels(service, name).inc()
-        interceptor._metrics.rpc_in_flight.labels(service).inc()
+        self._metrics.started.inc()
+        self._metrics.in_flight.inc()
         # Bound per task: each RPC runs in its own context, so nothing needs undoing.
         bind_log_fields(method=self._method, peer=self._context.peer())
         try:
@@ -353,8 +359,8 @@ class _CallScope:
     def _finish(self, code: grpc.StatusCode) -> None:
         interceptor = self._interceptor
         elapsed = time.perf_counter() - self._started
-        interceptor._metrics.rpc_in_flight.labels(self._service).dec()
-        interceptor._metrics.rpc_done(self._method, code, elapsed)
+        self._metrics.in_flight.dec()
+        self._metrics.done(code, elapsed)
         # Probes and tooling call public methods constantly: keep them out of INFO logs.
         level = logging.DEBUG if self._public else logging.INFO
         if interceptor._log.isEnabledFor(level):

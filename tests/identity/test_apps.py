@@ -586,6 +586,28 @@ async def test_revoked_key_is_refused_from_the_next_call(
     assert still is None or still.code != grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_key_revoked_while_cached_is_refused_on_the_next_call(
+    apps_stub: AppsStub,
+    identity_stub: IdentityStub,
+    app: TestApp,
+) -> None:
+    created = await apps_stub.CreateApiKey(
+        create_key(app.app_id, app_pb2.API_KEY_SCOPE_SERVER), metadata=ADMIN
+    )
+    # Several accepted calls: the first caches the key, the others are served from the cache.
+    for _ in range(3):
+        accepted = await _identity_code(identity_stub, created.secret)
+        assert accepted is None or accepted.code != grpc.StatusCode.UNAUTHENTICATED
+
+    await apps_stub.RevokeApiKey(
+        apps_service_pb2.RevokeApiKeyRequest(app_id=app.app_id, key_id=created.api_key.key_id),
+        metadata=ADMIN,
+    )
+    after = await _identity_code(identity_stub, created.secret)
+    assert after is not None
+    assert (after.code, after.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_REVOKED")
+
+
 async def test_revoke_is_scoped_to_the_app(
     apps_stub: AppsStub, app: TestApp, other_app: TestApp
 ) -> None:
