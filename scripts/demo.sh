@@ -16,8 +16,11 @@ call() {
   local key=$1 method=$2 body=$3
   printf '\n$ grpcurl -plaintext -H "authorization: Bearer %s" -d '"'"'%s'"'"' %s %s\n' \
     "${key:0:12}…" "$body" "$IDENTITY" "$method" >&2
-  "$GRPCURL" -plaintext -H "authorization: Bearer $key" -d "$body" "$IDENTITY" "$method" \
-    | tee /dev/stderr
+  local answer
+  answer=$("$GRPCURL" -plaintext -H "authorization: Bearer $key" -d "$body" "$IDENTITY" "$method")
+  # The transcript goes to stderr; stdout carries the answer for the caller to read fields from.
+  printf '%s\n' "$answer" >&2
+  printf '%s\n' "$answer"
 }
 field() { "$PY" -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
