@@ -24,10 +24,11 @@ are what one box does, not what the service does with a core of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -207,10 +208,10 @@ async def _send_all(
     return accepted
 
 
-@benchmark("identity.track_events", needs=("ceiling.pg_copy_events_per_s",))
-async def track_events(ctx: Context) -> list[Figure]:
-    """TrackEvents in calls of 1,000 events: accepted/s, and stored/s by the consumer."""
-    count = _event_count(ctx)
+@contextlib.asynccontextmanager
+async def _identity_on_scratch_db(ctx: Context) -> AsyncIterator[tuple[ServiceProcess, str]]:
+    """An identity process (request logs off) on a scratch database, SERVING; yields it and
+    the database's DSN, and stops it afterwards."""
     async with ctx.scratch_database() as dsn:
         service = await start_service(
             "identity",
@@ -221,41 +222,47 @@ async def track_events(ctx: Context) -> list[Figure]:
         )
         try:
             await service.wait_serving(within=60)
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                app_id, server_key = await _create_app(channel)
-                conn = await asyncpg.connect(dsn)
-                try:
-                    await conn.execute(
-                        "INSERT INTO users (app_id, user_id) SELECT $1, unnest($2::uuid[])",
-                        app_id,
-                        _user_ids(USERS),
-                    )
-                finally:
-                    await conn.close()
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                metadata = (("authorization", f"Bearer {server_key}"),)
-                # Warm-up (untimed): connections, prepared statements, partitions of the month.
-                warm = _requests(EVENTS_PER_CALL, datetime.now(UTC) - timedelta(days=1))
-                for item in warm[0].events:
-                    item.event_id = "warm-" + item.event_id
-                await _send_all(stub, warm, metadata)
-                base = await _wait_stored(service, EVENTS_PER_CALL, 0.0)
+            yield service, dsn
+        finally:
+            await service.stop()
 
-                requests = _requests(count, datetime.now(UTC))
-                start = time.perf_counter()
-                accepted = await _send_all(stub, requests, metadata)
-                accepted_s = time.perf_counter() - start
-                await _wait_stored(service, count, base)
-                stored_s = time.perf_counter() - start
+
+@benchmark("identity.track_events", needs=("ceiling.pg_copy_events_per_s",))
+async def track_events(ctx: Context) -> list[Figure]:
+    """TrackEvents in calls of 1,000 events: accepted/s, and stored/s by the consumer."""
+    count = _event_count(ctx)
+    async with _identity_on_scratch_db(ctx) as (service, dsn):
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            app_id, server_key = await _create_app(channel)
             conn = await asyncpg.connect(dsn)
             try:
-                stored = await conn.fetchval(
-                    "SELECT count(*) FROM events WHERE event_id LIKE 'ev-%'"
+                await conn.execute(
+                    "INSERT INTO users (app_id, user_id) SELECT $1, unnest($2::uuid[])",
+                    app_id,
+                    _user_ids(USERS),
                 )
             finally:
                 await conn.close()
+            stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            metadata = (("authorization", f"Bearer {server_key}"),)
+            # Warm-up (untimed): connections, prepared statements, partitions of the month.
+            warm = _requests(EVENTS_PER_CALL, datetime.now(UTC) - timedelta(days=1))
+            for item in warm[0].events:
+                item.event_id = "warm-" + item.event_id
+            await _send_all(stub, warm, metadata)
+            base = await _wait_stored(service, EVENTS_PER_CALL, 0.0)
+
+            requests = _requests(count, datetime.now(UTC))
+            start = time.perf_counter()
+            accepted = await _send_all(stub, requests, metadata)
+            accepted_s = time.perf_counter() - start
+            await _wait_stored(service, count, base)
+            stored_s = time.perf_counter() - start
+        conn = await asyncpg.connect(dsn)
+        try:
+            stored = await conn.fetchval("SELECT count(*) FROM events WHERE event_id LIKE 'ev-%'")
         finally:
-            await service.stop()
+            await conn.close()
     if accepted != count or stored != count:
         raise AssertionError(f"accepted {accepted}, stored {stored}, expected {count}")
     ctx.log(f"  {count:,} events accepted in {accepted_s:.2f} s, all stored after {stored_s:.2f} s")
@@ -401,39 +408,27 @@ async def users(ctx: Context) -> list[Figure]:
     fresh_calls = _upsert_calls(range(count), generation=0)
     update_calls = _upsert_calls(range(count), generation=1)
     warm_calls = _upsert_calls(range(count, count + EVENTS_PER_CALL), generation=0)
-    async with ctx.scratch_database() as dsn:
-        service = await start_service(
-            "identity",
-            database_url=dsn,
-            kafka_bootstrap=ctx.stack.kafka_bootstrap,
-            admin_key=ADMIN_KEY,
-            env={"TIDINGS_LOG_LEVEL": "WARNING"},
-        )
+    async with _identity_on_scratch_db(ctx) as (service, dsn):
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            _, server_key = await _create_app(channel)
+            stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            metadata = (("authorization", f"Bearer {server_key}"),)
+            await _define_fields(stub, metadata)
+            await _upsert_all(stub, warm_calls, metadata, CONCURRENT_CALLS)  # untimed
+            with Stopwatch() as fresh:
+                await _upsert_all(stub, fresh_calls, metadata, CONCURRENT_CALLS)
+            with Stopwatch() as update:
+                await _upsert_all(stub, update_calls, metadata, CONCURRENT_CALLS)
+            external_ids = [row[0] for row in customer_rows(range(count))]
+            await _paced_gets(stub, external_ids, metadata, 0.5)  # warm-up
+            latencies, reached = await _paced_gets(stub, external_ids, metadata, get_seconds)
+        conn = await asyncpg.connect(dsn)
         try:
-            await service.wait_serving(within=60)
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                _, server_key = await _create_app(channel)
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                metadata = (("authorization", f"Bearer {server_key}"),)
-                await _define_fields(stub, metadata)
-                await _upsert_all(stub, warm_calls, metadata, CONCURRENT_CALLS)  # untimed
-                with Stopwatch() as fresh:
-                    await _upsert_all(stub, fresh_calls, metadata, CONCURRENT_CALLS)
-                with Stopwatch() as update:
-                    await _upsert_all(stub, update_calls, metadata, CONCURRENT_CALLS)
-                external_ids = [row[0] for row in customer_rows(range(count))]
-                await _paced_gets(stub, external_ids, metadata, 0.5)  # warm-up
-                latencies, reached = await _paced_gets(stub, external_ids, metadata, get_seconds)
-            conn = await asyncpg.connect(dsn)
-            try:
-                stored, updated = await conn.fetchrow(
-                    "SELECT count(*), count(*) FILTER (WHERE email LIKE '%.1@example.com')"
-                    " FROM users"
-                ) or (0, 0)
-            finally:
-                await conn.close()
+            stored, updated = await conn.fetchrow(
+                "SELECT count(*), count(*) FILTER (WHERE email LIKE '%.1@example.com') FROM users"
+            ) or (0, 0)
         finally:
-            await service.stop()
+            await conn.close()
     if stored != count + EVENTS_PER_CALL or updated != count:
         raise AssertionError(f"{stored} users / {updated} updated, expected {count}")
     ctx.log(
