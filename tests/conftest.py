@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
@@ -60,7 +60,11 @@ def kafka_bootstrap() -> str:
 
 @contextlib.asynccontextmanager
 async def temporary_database() -> AsyncIterator[str]:
-    """A brand-new empty database; yields its DSN and drops it afterwards."""
+    """A brand-new empty database; yields its DSN and drops it afterwards.
+
+    A service that ran on it left an outbox progress topic named after the database's
+    instance id; it is deleted too, so test runs don't pile topics up on the broker.
+    """
     name = unique_name("t")
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
@@ -70,11 +74,25 @@ async def temporary_database() -> AsyncIterator[str]:
     try:
         yield dsn_for(name)
     finally:
+        instance = await _outbox_instance(dsn_for(name))
         admin = await asyncpg.connect(PG_ADMIN_DSN)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+        if instance is not None:
+            await delete_topics(lambda topic: topic.endswith(f".{instance}"))
+
+
+async def _outbox_instance(dsn: str) -> str | None:
+    """The database's outbox instance id, if the runtime migration ran on it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SELECT id FROM outbox_instance"))
+    except asyncpg.UndefinedTableError:
+        return None
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -84,14 +102,40 @@ async def scratch_db() -> AsyncIterator[str]:
         yield dsn
 
 
+#: Topics this test session created; deleted when the session ends.
+_created_topics: set[str] = set()
+
+
 async def create_topic(name: str, partitions: int = 3) -> None:
-    """Create a topic on the test broker (the broker does not auto-create topics)."""
+    """Create a topic on the test broker (the broker does not auto-create topics).
+
+    It is deleted at the end of the test session.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
+    _created_topics.add(name)
+
+
+async def delete_topics(which: Callable[[str], bool]) -> None:
+    """Delete the broker's topics whose names ``which`` accepts."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP)
+    await admin.start()
+    try:
+        doomed = [topic for topic in await admin.list_topics() if which(topic)]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _delete_created_topics() -> AsyncIterator[None]:
+    yield
+    await delete_topics(lambda topic: topic in _created_topics)
 
 
 @pytest.fixture
