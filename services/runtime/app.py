@@ -42,7 +42,7 @@ from services.runtime.db import DataPlaneError, create_pool, database_reachable
 from services.runtime.errors import Unavailable
 from services.runtime.grpc_server import Health, bind, create_server, enable_reflection
 from services.runtime.interceptors import ServiceInterceptor
-from services.runtime.kafka import ALL_TOPICS, Producer, ensure_topics, kafka_reachable
+from services.runtime.kafka import ALL_TOPICS, KafkaProbe, Producer, ensure_topics
 from services.runtime.logging import configure_logging
 from services.runtime.metrics import Metrics, MetricsServer
 from services.runtime.migrations import migrate, sources_for
@@ -387,13 +387,18 @@ class _ServiceProcess:
 
     async def _watch(self, health: Health) -> None:
         """Keep health in step with Postgres and Kafka reachability."""
-        settings, pool = self.spec.settings, self.ctx.pool
+        pool = self.ctx.pool
+        kafka = KafkaProbe(self.spec.settings.kafka_bootstrap)
+        try:
+            await self._watch_with(health, pool, kafka)
+        finally:
+            await kafka.close()
+
+    async def _watch_with(self, health: Health, pool: asyncpg.Pool, kafka: KafkaProbe) -> None:
         while True:
             await asyncio.sleep(self.spec.probe_interval_seconds)
             try:
-                db_ok, kafka_ok = await asyncio.gather(
-                    database_reachable(pool), kafka_reachable(settings.kafka_bootstrap)
-                )
+                db_ok, kafka_ok = await asyncio.gather(database_reachable(pool), kafka.reachable())
             except Exception:
                 # The probes are meant never to raise; if one does, a broken probe must not
                 # leave health stuck, so count it as unreachable.

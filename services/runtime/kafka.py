@@ -65,6 +65,7 @@ __all__ = [
     "Handler",
     "HandlerFailedError",
     "Headers",
+    "KafkaProbe",
     "KafkaSetupError",
     "Producer",
     "Record",
@@ -256,24 +257,58 @@ def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
     return result
 
 
+class KafkaProbe:
+    """Answers "is the cluster reachable?" cheaply, again and again (the health watchdog).
+
+    One admin client is kept between probes, and a probe asks for the metadata of a single topic:
+    a fresh client per probe would fetch the metadata of every topic on the broker twice (when it
+    bootstraps and for ``describe_cluster``), which on a broker with many topics costs real CPU
+    every few seconds. After a failure the client is dropped and the next probe starts afresh.
+
+    Args:
+        bootstrap: The cluster's bootstrap servers.
+        topic: The topic whose metadata a probe requests (need not exist).
+    """
+
+    def __init__(self, bootstrap: str, topic: str = IDENTITY_EVENTS.name) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def reachable(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """Whether the cluster answers within ``timeout`` seconds; never raises."""
+        try:
+            async with asyncio.timeout(timeout):
+                if self._admin is None:
+                    admin = AIOKafkaAdminClient(
+                        bootstrap_servers=self._bootstrap,
+                        client_id="tidings-probe",
+                        request_timeout_ms=max(1, int(timeout * 1000)),
+                    )
+                    self._admin = admin
+                    await admin.start()
+                await self._admin.describe_topics([self._topic])
+            return True
+        except Exception as exc:  # a probe reports, it never raises
+            log.warning("Kafka not reachable at %s: %r", self._bootstrap, exc)
+            await self.close()
+            return False
+
+    async def close(self) -> None:
+        """Release the client (a later probe opens a new one)."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+
 async def kafka_reachable(bootstrap: str, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
     """Whether the cluster answers a metadata request within ``timeout`` seconds; never raises."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="tidings-probe",
-        request_timeout_ms=max(1, int(timeout * 1000)),
-    )
+    probe = KafkaProbe(bootstrap)
     try:
-        async with asyncio.timeout(timeout):
-            await admin.start()
-            await admin.describe_cluster()
-        return True
-    except Exception as exc:  # a probe reports, it never raises
-        log.warning("Kafka not reachable at %s: %r", bootstrap, exc)
-        return False
+        return await probe.reachable(timeout)
     finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
+        await probe.close()
 
 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:

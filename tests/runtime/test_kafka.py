@@ -18,6 +18,7 @@ from services.runtime.kafka import (
     HEADER_EVENT_TYPE,
     BatchConsumer,
     HandlerFailedError,
+    KafkaProbe,
     Producer,
     Record,
     Topic,
@@ -255,3 +256,22 @@ def test_topic_refuses_another_message_type() -> None:
     assert topic.decode(topic.encode(event(1, "u"))) == event(1, "u")
     with pytest.raises(TypeError, match=r"carries tidings\.events\.v1\.TrackedEvent"):
         topic.encode(IdentityChange())  # type: ignore[arg-type]
+
+
+async def test_kafka_probe_keeps_one_client_and_recovers_after_a_failure(
+    kafka_bootstrap: str,
+) -> None:
+    probe = KafkaProbe(kafka_bootstrap)
+    try:
+        assert await probe.reachable()
+        first = probe._admin
+        assert await probe.reachable()
+        assert probe._admin is first  # no new connection per probe
+    finally:
+        await probe.close()
+    unreachable = KafkaProbe("127.0.0.1:1")
+    try:
+        assert not await unreachable.reachable(timeout=2.0)
+        assert unreachable._admin is None  # dropped, so the next probe starts afresh
+    finally:
+        await unreachable.close()
