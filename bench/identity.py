@@ -46,6 +46,7 @@ from tidings.identity.v1 import (
 )
 from tidings.identity.v1.user_ref_pb2 import UserRef
 
+from bench.ceiling.postgres import timed_copy
 from bench.config import Size
 from bench.context import Context
 from bench.data import CustomerRow, customer_rows
@@ -147,21 +148,8 @@ async def pg_copy_events_per_s(ctx: Context) -> Figure:
     """Events/s of one ``copy_records_to_table`` of the benchmark's events, no indexes."""
     count = _event_count(ctx)
     rows = _event_rows("bench-app", count, datetime.now(UTC))
-    async with ctx.scratch_database() as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f"CREATE TABLE events ({_EVENT_DDL})")
-            with Stopwatch() as sw:
-                await conn.copy_records_to_table(
-                    "events", records=rows, columns=list(_EVENT_COLUMNS)
-                )
-            copied = await conn.fetchval("SELECT count(*) FROM events")
-        finally:
-            await conn.close()
-    if copied != count:
-        raise AssertionError(f"copied {copied} events, expected {count}")
-    ctx.log(f"  copied {count:,} events in {sw.seconds:.2f} s")
-    return Figure("ceiling.pg_copy_events_per_s", sw.rate(count), "events/s")
+    seconds = await timed_copy(ctx, "events", _EVENT_DDL, _EVENT_COLUMNS, rows)
+    return Figure("ceiling.pg_copy_events_per_s", count / seconds, "events/s")
 
 
 async def _create_app(channel: grpc.aio.Channel) -> tuple[str, str]:
