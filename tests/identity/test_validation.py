@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import email_validator
+import phonenumbers
 import pytest
 
 from services.identity.validation import (
@@ -156,6 +159,35 @@ def test_phone_numbers_are_normalised_to_e164(value: str, expected: str) -> None
 def test_bad_phone_numbers_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="phone"):
         normalize_phone(value)
+
+
+def _full_parser_answer(value: str) -> str | None:
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def test_plain_e164_numbers_get_the_full_parsers_answer() -> None:
+    # E.164 input skips phonenumbers' parser; on every country code, valid or not, with or
+    # without national-prefix quirks (Madagascar, San Marino...), the answer must not change.
+    rng = random.Random(7)
+    codes = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+    valid = 0
+    for _ in range(20_000):
+        digits = str(rng.choice(codes)) + "".join(rng.choices("0123456789", k=rng.randint(6, 12)))
+        value = "+" + digits[:15]
+        expected = _full_parser_answer(value)
+        try:
+            answer: str | None = normalize_phone(value)
+        except ValueError:
+            answer = None
+        assert answer == expected, value
+        valid += expected is not None
+    assert valid > 500  # the sample holds valid numbers, not only refusals
 
 
 @pytest.mark.parametrize(
