@@ -22,8 +22,10 @@ from services.identity.api_key_auth import ApiKeyAuthenticator
 from services.identity.apps_server import AppsServicer
 from services.identity.events_consumer import run_events_consumer
 from services.identity.events_server import EventsRpcs
+from services.identity.imports_server import ImportsRpcs
 from services.identity.key_cache import KeyCache
 from services.identity.receipts_consumer import run_receipts_consumer
+from services.identity.segments_server import SegmentsRpcs
 from services.identity.settings import IdentitySettings
 from services.identity.subscriptions_server import SubscriptionsRpcs
 from services.identity.users_server import UsersRpcs
@@ -39,9 +41,11 @@ class IdentityServicer(
     UsersRpcs,
     SubscriptionsRpcs,
     EventsRpcs,
+    ImportsRpcs,
+    SegmentsRpcs,
     identity_service_pb2_grpc.IdentityServiceServicer,
 ):
-    """``tidings.identity.v1.IdentityService``: users, subscriptions, events."""
+    """``tidings.identity.v1.IdentityService``: users, subscriptions, events, imports, segments."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx

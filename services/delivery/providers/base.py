@@ -1,0 +1,171 @@
+"""The seam between delivery's workers and the providers: one small adapter per channel.
+
+A worker hands an adapter one rendered message and the app's credentials for that channel; the
+adapter makes the provider call and classifies the answer. Everything around the call — the
+send ledger, policy, retries with backoff, rate limits, dead-lettering, receipts — is the
+worker's, so adapters stay small and each is tested against a local server that speaks the
+provider's real protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class Channel(StrEnum):
+    """Delivery channels; the values are identity's subscription types where one exists."""
+
+    IOS_PUSH = "ios_push"
+    ANDROID_PUSH = "android_push"
+    WEB_PUSH = "web_push"
+    EMAIL = "email"
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+    TELEGRAM = "telegram"
+    WEBHOOK = "webhook"
+
+
+@dataclass(frozen=True, slots=True)
+class PushContent:
+    """A push notification (APNs, FCM, Web Push)."""
+
+    title: str = ""
+    body: str = ""
+    image_url: str = ""
+    deep_link: str = ""
+    data: Mapping[str, str] = field(default_factory=dict)
+    badge: int | None = None
+    sound: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EmailContent:
+    """An email; ``unsubscribe_url`` feeds List-Unsubscribe (RFC 2369) and one-click (RFC 8058)."""
+
+    subject: str
+    html: str = ""
+    text: str = ""
+    from_address: str = ""
+    reply_to: str = ""
+    unsubscribe_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TextContent:
+    """SMS, WhatsApp or Telegram text; a WhatsApp template when ``whatsapp_template`` is set."""
+
+    text: str = ""
+    whatsapp_template: str = ""
+    whatsapp_language: str = ""
+    whatsapp_parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookContent:
+    """An HTTP call to the app's endpoint."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: str = ""
+
+
+Content = PushContent | EmailContent | TextContent | WebhookContent
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """Where the message goes.
+
+    Attributes:
+        address: Device token (APNs, FCM), email address, E.164 phone number, Telegram chat id,
+            or the Web Push endpoint URL. Empty for webhooks (the URL is in the content).
+        web_push_p256dh: Web Push: the subscription's public key (base64url).
+        web_push_auth: Web Push: the subscription's auth secret (base64url).
+    """
+
+    address: str = ""
+    web_push_p256dh: str = ""
+    web_push_auth: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One rendered message, ready for a provider.
+
+    Attributes:
+        message_id: Delivery's id of the message.
+        idempotency_key: The send-ledger key; providers that deduplicate get it (APNs
+            ``apns-id``/``apns-collapse-id`` are derived from it, webhooks get an
+            ``Idempotency-Key`` header).
+        ttl_seconds: How long the provider may keep trying to deliver (push), if limited.
+    """
+
+    message_id: str
+    idempotency_key: str
+    channel: Channel
+    recipient: Recipient
+    content: Content
+    ttl_seconds: int | None = None
+
+
+class Outcome(StrEnum):
+    """How a provider call ended."""
+
+    SENT = "sent"  #: accepted by the provider
+    FAILED = "failed"  #: refused for good (4xx other than 429): do not retry
+    RETRY = "retry"  #: 429, 5xx, timeout, connection error: retry later
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResult:
+    """What became of one provider call.
+
+    Attributes:
+        provider_message_id: The provider's id of the message, when it gives one.
+        detail: The provider's reason, prefixed by the adapter name (``apns:Unregistered``).
+        token_invalid: The token or address is dead (APNs 410, FCM UNREGISTERED, a hard
+            bounce): identity disables the subscription.
+        retry_after: Seconds the provider asked to wait (Retry-After), for RETRY.
+    """
+
+    outcome: Outcome
+    provider_message_id: str = ""
+    detail: str = ""
+    token_invalid: bool = False
+    retry_after: float | None = None
+
+
+class CredentialsError(ValueError):
+    """Credentials for a channel are incomplete or malformed; the message names the field."""
+
+
+class ProviderAdapter(Protocol):
+    """One provider. Adapters hold their HTTP/SMTP clients and are shared by a worker's tasks."""
+
+    #: Short name used in ``detail`` and metrics (``apns``, ``fcm``, ``smtp``...).
+    name: str
+    #: The channel it delivers.
+    channel: Channel
+
+    def check_credentials(self, credentials: Mapping[str, Any]) -> None:
+        """Validate an app's channel configuration when it is saved.
+
+        Raises:
+            CredentialsError: Naming the missing or malformed field.
+        """
+        ...
+
+    async def send(
+        self, message: OutboundMessage, credentials: Mapping[str, Any]
+    ) -> ProviderResult:
+        """Make one provider call. Never raises for provider or network errors: those are
+        classified into the result (timeouts and connection errors are RETRY)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
