@@ -1,4 +1,4 @@
-"""gRPC surface of CSV imports (ImportUsers, GetImportJob, ListImportJobs, ExportImportRejections)."""
+"""gRPC surface of CSV imports: ImportUsers, GetImportJob, ListImportJobs, rejections."""
 
 from __future__ import annotations
 
