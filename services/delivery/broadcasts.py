@@ -1,0 +1,641 @@
+"""Broadcasts: a job that enqueues one fan-out record per user of an audience.
+
+* **All users / a segment / a list**: Broadcast stores the job (``fanning_out``) and answers at
+  once; a fan-out task (any replica; one per broadcast, by advisory lock) reads the audience in
+  pages of 1,000 (identity's ListUsers, ListSegmentMembers, or the stored list), publishes the
+  page's records (acks=all) and then saves its cursor and the enqueued count. After a crash the
+  next owner resumes at the cursor; the page that may have been published twice names the same
+  messages (ids and ledger keys are derived from the broadcast and the user), so no one gets a
+  second message.
+* **CSV** (client stream): the file is parsed as it arrives and enqueued page by page, so a
+  1,000,000-row upload holds one page in memory, never the file. The call answers once every
+  row is enqueued.
+
+Memory stays flat whatever the audience: nothing holds more than one page of users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import csv
+import io
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from google.protobuf import struct_pb2, timestamp_pb2
+from tidings.delivery.v1 import broadcast_pb2, delivery_service_pb2, message_pb2
+from tidings.events.v1.send_request_pb2 import SendRequest as FanOutRecord
+from tidings.identity.v1 import user_ref_pb2
+
+from services.delivery.app_settings import ensure_app
+from services.delivery.broadcasts_store import apply_deltas, broadcast_from_row
+from services.delivery.identity_client import IdentityClient
+from services.delivery.jobs import record_key, ref_key
+from services.delivery.receipts import Fact, record_facts
+from services.delivery.sends import check_templates
+from services.delivery.validation import MAX_NAME_LENGTH, check_ref, check_spec, parse_uuid
+from services.runtime import paging
+from services.runtime.app import ServiceContext
+from services.runtime.errors import (
+    FieldViolations,
+    InvalidArgument,
+    NotFound,
+)
+from services.runtime.kafka import DELIVERY_REQUESTS
+
+__all__ = [
+    "MAX_LIST_REFS",
+    "FanOut",
+    "broadcast_csv",
+    "cancel_broadcast",
+    "create_broadcast",
+    "get_broadcast",
+    "list_broadcasts",
+]
+
+MAX_LIST_REFS = 10_000
+PAGE = 1_000
+MAX_CHUNK_BYTES = 1024 * 1024
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_NAMESPACE = uuid.UUID("c3a7b7e2-5f0a-4c1d-8e6b-2d9f4a1b7c30")
+_LOCK_SPACE = 0x6272_6F61  # "broa": advisory locks of fan-outs
+
+
+def broadcast_not_found(broadcast_id: str) -> NotFound:
+    """The error for a broadcast the app does not have."""
+    return NotFound(
+        f"broadcast {broadcast_id!r} not found",
+        reason="BROADCAST_NOT_FOUND",
+        metadata={"broadcast_id": broadcast_id},
+    )
+
+
+def _record(
+    app_id: str,
+    broadcast_id: uuid.UUID,
+    ref: user_ref_pb2.UserRef,
+    occurred: timestamp_pb2.Timestamp,
+    expire: timestamp_pb2.Timestamp | None,
+    data: dict[str, str] | None = None,
+) -> FanOutRecord:
+    """The record of one user of a broadcast; ids derived from (broadcast, user)."""
+    who = ref.user_id if ref.WhichOneof("ref") == "user_id" else ref_key(ref)
+    message_id = uuid.uuid5(_NAMESPACE, f"{broadcast_id}\0{who}")
+    record = FanOutRecord(
+        event_id=str(message_id),
+        app_id=app_id,
+        idempotency_key=f"broadcast:{broadcast_id}:{who}",
+        message_id=str(message_id),
+        broadcast_id=str(broadcast_id),
+        occurred_at=occurred,
+    )
+    if ref.WhichOneof("ref") == "user_id":
+        record.user_id = ref.user_id
+    else:
+        record.user.CopyFrom(ref)
+    if expire is not None:
+        record.expire_time.CopyFrom(expire)
+    if data:
+        record.data.CopyFrom(struct_pb2.Struct())
+        record.data.update(data)
+    return record
+
+
+def _validate(broadcast: broadcast_pb2.Broadcast, field: str, *, csv_upload: bool) -> None:
+    violations = FieldViolations()
+    if len(broadcast.display_name) > MAX_NAME_LENGTH:
+        violations.add(f"{field}.display_name", f"at most {MAX_NAME_LENGTH} characters")
+    check_spec(violations, f"{field}.spec", broadcast.spec)
+    kind = broadcast.audience.WhichOneof("kind")
+    if not csv_upload:
+        if kind is None or (kind == "all_users" and not broadcast.audience.all_users):
+            violations.add(
+                f"{field}.audience",
+                "choose all_users, segment_id or users",
+                reason="REQUIRED",
+            )
+        elif kind == "csv":
+            violations.add(f"{field}.audience.csv", "output only: upload with BroadcastCsv")
+        elif kind == "segment_id" and not broadcast.audience.segment_id:
+            violations.add(f"{field}.audience.segment_id", "required", reason="REQUIRED")
+        elif kind == "users":
+            refs = broadcast.audience.users.refs
+            if not refs:
+                violations.add(f"{field}.audience.users.refs", "at least one", reason="REQUIRED")
+            if len(refs) > MAX_LIST_REFS:
+                violations.add(
+                    f"{field}.audience.users.refs",
+                    f"at most {MAX_LIST_REFS:,}; upload larger lists with BroadcastCsv",
+                )
+            for i, ref in enumerate(refs[:MAX_LIST_REFS]):
+                check_ref(violations, f"{field}.audience.users.refs[{i}]", ref)
+    violations.raise_if_any()
+
+
+async def _existing(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, app_id: str, request_id: str
+) -> broadcast_pb2.Broadcast | None:
+    if not request_id:
+        return None
+    row = await conn.fetchrow(
+        "SELECT * FROM broadcasts WHERE app_id = $1 AND request_id = $2", app_id, request_id
+    )
+    return broadcast_from_row(row) if row is not None else None
+
+
+async def _insert(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    app_id: str,
+    broadcast: broadcast_pb2.Broadcast,
+    request_id: str,
+    now: datetime,
+) -> asyncpg.Record | None:
+    await check_templates(conn, app_id, broadcast.spec, "broadcast.spec")
+    await ensure_app(conn, app_id)
+    row = await conn.fetchrow(
+        """
+        INSERT INTO broadcasts (app_id, broadcast_id, request_id, display_name, audience, spec,
+                                state, create_time, update_time)
+        VALUES ($1, $2, $3, $4, $5, $6, 'fanning_out', $7, $7)
+        ON CONFLICT (app_id, request_id) WHERE request_id <> '' DO NOTHING
+        RETURNING *
+        """,
+        app_id,
+        uuid.uuid4(),
+        request_id,
+        broadcast.display_name,
+        broadcast.audience.SerializeToString(),
+        broadcast.spec.SerializeToString(),
+        now,
+    )
+    assert row is not None or request_id
+    return row
+
+
+def _check_request_id(request_id: str, field: str) -> None:
+    if request_id and parse_uuid(request_id) is None:
+        violations = FieldViolations()
+        violations.add(field, "a UUID", reason="INVALID_FORMAT")
+        violations.raise_if_any()
+
+
+async def create_broadcast(
+    ctx: ServiceContext,
+    app_id: str,
+    request: delivery_service_pb2.BroadcastRequest,
+    wake: asyncio.Event,
+) -> broadcast_pb2.Broadcast:
+    """Store a broadcast to all users, a segment or a list; the fan-out task enqueues it.
+
+    Raises:
+        InvalidArgument: Bad audience, spec, templates or request id.
+    """
+    _validate(request.broadcast, "broadcast", csv_upload=False)
+    _check_request_id(request.request_id, "request_id")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        existing = await _existing(conn, app_id, request.request_id)
+        if existing is not None:
+            return existing
+        row = await _insert(conn, app_id, request.broadcast, request.request_id, ctx.clock())
+        if row is None:  # a concurrent call with the same request id won
+            found = await _existing(conn, app_id, request.request_id)
+            assert found is not None
+            return found
+    wake.set()
+    return broadcast_from_row(row)
+
+
+async def get_broadcast(
+    pool: asyncpg.Pool, app_id: str, broadcast_id: str
+) -> broadcast_pb2.Broadcast:
+    """One broadcast with its counts.
+
+    Raises:
+        NotFound: The app has no such broadcast.
+    """
+    parsed = parse_uuid(broadcast_id)
+    if parsed is None:
+        violations = FieldViolations()
+        violations.add("broadcast_id", "a broadcast id (a UUID)", reason="INVALID_FORMAT")
+        violations.raise_if_any()
+    row = await pool.fetchrow(
+        "SELECT * FROM broadcasts WHERE app_id = $1 AND broadcast_id = $2", app_id, parsed
+    )
+    if row is None:
+        raise broadcast_not_found(broadcast_id)
+    return broadcast_from_row(row)
+
+
+async def list_broadcasts(
+    pool: asyncpg.Pool, app_id: str, *, page_size: int, page_token: str
+) -> delivery_service_pb2.ListBroadcastsResponse:
+    """The app's broadcasts, newest first."""
+    limit = paging.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+    after: tuple[datetime, uuid.UUID] | None = None
+    if page_token:
+        position = paging.decode_page_token("broadcasts", page_token)
+        try:
+            after = (datetime.fromisoformat(position["t"]), uuid.UUID(position["i"]))
+        except (KeyError, ValueError):
+            raise paging.bad_page_token() from None
+    rows = await pool.fetch(
+        """
+        SELECT * FROM broadcasts
+        WHERE app_id = $1
+          AND ($2::timestamptz IS NULL OR (create_time, broadcast_id) < ($2, $3::uuid))
+        ORDER BY create_time DESC, broadcast_id DESC
+        LIMIT $4
+        """,
+        app_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    response = delivery_service_pb2.ListBroadcastsResponse(
+        broadcasts=[broadcast_from_row(row) for row in rows[:limit]]
+    )
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        response.next_page_token = paging.encode_page_token(
+            "broadcasts", {"t": last["create_time"].isoformat(), "i": str(last["broadcast_id"])}
+        )
+    return response
+
+
+async def cancel_broadcast(
+    pool: asyncpg.Pool, app_id: str, broadcast_id: str, now: datetime
+) -> broadcast_pb2.Broadcast:
+    """Cancel a broadcast: its fan-out stops, waiting messages fail now, and queued ones fail
+    when a worker reads them (reason BROADCAST_CANCELLED). Sent ones stay sent.
+
+    Raises:
+        NotFound: The app has no such broadcast.
+    """
+    current = await get_broadcast(pool, app_id, broadcast_id)
+    parsed = uuid.UUID(current.broadcast_id)
+    async with pool.acquire() as conn, conn.transaction():
+        status = await conn.execute(
+            """
+            UPDATE broadcasts SET state = 'cancelled', update_time = $3
+            WHERE app_id = $1 AND broadcast_id = $2 AND state IN ('fanning_out', 'enqueued')
+            """,
+            app_id,
+            parsed,
+            now,
+        )
+        if not status.endswith(" 0"):
+            rows = await conn.fetch(
+                """
+                UPDATE messages SET state = 'failed', status = $4, due_at = NULL,
+                                    request = NULL, update_time = $3
+                WHERE app_id = $1 AND broadcast_id = $2 AND state IN ('deferred', 'retry_wait')
+                RETURNING message_id, user_id, channel, subscription_id, idempotency_key,
+                          dispatch
+                """,
+                app_id,
+                parsed,
+                now,
+                message_pb2.MESSAGE_STATUS_FAILED,
+            )
+            await record_facts(
+                conn,
+                [
+                    Fact(
+                        app_id=app_id,
+                        message_id=row["message_id"],
+                        user_id=row["user_id"],
+                        status=message_pb2.MESSAGE_STATUS_FAILED,
+                        time=now,
+                        reason="BROADCAST_CANCELLED",
+                        detail="the broadcast was cancelled",
+                        channel=row["channel"],
+                        subscription_id=row["subscription_id"],
+                        idempotency_key=row["idempotency_key"],
+                        broadcast_id=str(parsed),
+                        nth=f"c{row['dispatch']}",
+                    )
+                    for row in rows
+                ],
+            )
+            await apply_deltas(conn, {(app_id, parsed): [0, len(rows), -len(rows)]})
+    return await get_broadcast(pool, app_id, broadcast_id)
+
+
+def _times(row: asyncpg.Record) -> tuple[timestamp_pb2.Timestamp, timestamp_pb2.Timestamp | None]:
+    spec = message_pb2.MessageSpec.FromString(row["spec"])
+    occurred = timestamp_pb2.Timestamp()
+    occurred.FromDatetime(row["create_time"])
+    expire = None
+    if spec.HasField("ttl"):
+        expire = timestamp_pb2.Timestamp()
+        expire.FromDatetime(row["create_time"] + spec.ttl.ToTimedelta())
+    return occurred, expire
+
+
+async def _publish(
+    ctx: ServiceContext,
+    app_id: str,
+    broadcast_id: uuid.UUID,
+    records: Sequence[FanOutRecord],
+    cursor: str,
+    *,
+    done: bool = False,
+) -> bool:
+    """Publish a page, then save progress; False when the broadcast was cancelled."""
+    if records:
+        await ctx.producer.send_many(DELIVERY_REQUESTS, [(record_key(r), r) for r in records])
+    status = await ctx.pool.execute(
+        """
+        UPDATE broadcasts SET enqueued = enqueued + $3, cursor = $4, update_time = $5,
+            state = CASE WHEN $6 THEN 'enqueued' ELSE state END,
+            enqueued_time = CASE WHEN $6 THEN $5 ELSE enqueued_time END
+        WHERE app_id = $1 AND broadcast_id = $2 AND state = 'fanning_out'
+        """,
+        app_id,
+        broadcast_id,
+        len(records),
+        cursor,
+        ctx.clock(),
+        done,
+    )
+    return not status.endswith(" 0")
+
+
+async def _fail(ctx: ServiceContext, app_id: str, broadcast_id: uuid.UUID, error: str) -> None:
+    await ctx.pool.execute(
+        """
+        UPDATE broadcasts SET state = 'failed', error = $3, update_time = $4
+        WHERE app_id = $1 AND broadcast_id = $2 AND state = 'fanning_out'
+        """,
+        app_id,
+        broadcast_id,
+        error,
+        ctx.clock(),
+    )
+
+
+@dataclass
+class FanOut:
+    """The fan-out task of one process: runs the ``fanning_out`` broadcasts it can lock.
+
+    Args:
+        ctx: The service context.
+        identity: Reads audiences.
+    """
+
+    ctx: ServiceContext
+    identity: IdentityClient
+    wake: asyncio.Event
+
+    async def run(self) -> None:
+        """Background task: pick up broadcasts to fan out, forever."""
+        while True:
+            rows = await self.ctx.pool.fetch(
+                """
+                SELECT * FROM broadcasts WHERE state = 'fanning_out'
+                ORDER BY create_time LIMIT 20
+                """
+            )
+            for row in rows:
+                audience = broadcast_pb2.Audience.FromString(row["audience"])
+                if audience.WhichOneof("kind") == "csv":
+                    continue  # fanned out by its upload call
+                await self._locked(row, audience)
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 1.0)
+
+    async def _locked(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
+        lock = int(row["broadcast_id"].int & 0x7FFF_FFFF)
+        async with self.ctx.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_SPACE, lock):
+                return  # another replica has it
+            try:
+                fresh = await conn.fetchrow(
+                    "SELECT * FROM broadcasts WHERE app_id = $1 AND broadcast_id = $2",
+                    row["app_id"],
+                    row["broadcast_id"],
+                )
+                if fresh is not None and fresh["state"] == "fanning_out":
+                    await self._fan_out(fresh, audience)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_SPACE, lock)
+
+    async def _fan_out(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
+        app_id, broadcast_id = row["app_id"], row["broadcast_id"]
+        occurred, expire = _times(row)
+        kind = audience.WhichOneof("kind")
+        try:
+            if kind == "all_users":
+                cursor = row["cursor"]
+                while True:
+                    user_ids, cursor = await self.identity.list_user_ids(app_id, cursor)
+                    records = [
+                        _record(
+                            app_id, broadcast_id, user_ref_pb2.UserRef(user_id=u), occurred, expire
+                        )
+                        for u in user_ids
+                    ]
+                    if not await _publish(
+                        self.ctx, app_id, broadcast_id, records, cursor, done=not cursor
+                    ):
+                        return
+                    if not cursor:
+                        return
+            elif kind == "users":
+                start = int(row["cursor"] or 0)
+                refs = audience.users.refs
+                while True:
+                    page = refs[start : start + PAGE]
+                    start += len(page)
+                    records = [_record(app_id, broadcast_id, r, occurred, expire) for r in page]
+                    done = start >= len(refs)
+                    if not await _publish(
+                        self.ctx, app_id, broadcast_id, records, str(start), done=done
+                    ):
+                        return
+                    if done:
+                        return
+            elif kind == "segment_id":
+                skip = int(row["enqueued"])
+                seen = 0
+                page_records: list[FanOutRecord] = []
+                async for user_id in self.identity.segment_members(app_id, audience.segment_id):
+                    seen += 1
+                    if seen <= skip:
+                        continue  # published before a restart
+                    page_records.append(
+                        _record(
+                            app_id,
+                            broadcast_id,
+                            user_ref_pb2.UserRef(user_id=user_id),
+                            occurred,
+                            expire,
+                        )
+                    )
+                    if len(page_records) >= PAGE:
+                        if not await _publish(self.ctx, app_id, broadcast_id, page_records, ""):
+                            return
+                        page_records = []
+                await _publish(self.ctx, app_id, broadcast_id, page_records, "", done=True)
+        except NotFound as exc:
+            await _fail(self.ctx, app_id, broadcast_id, exc.message)
+
+
+class _CsvRows:
+    """Incremental CSV parsing: feed bytes, get complete rows (quotes may span chunks)."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes, *, final: bool = False) -> list[list[str]]:
+        text = self._pending + self._utf8.decode(data, final=final)
+        cut = len(text) if final else _last_row_end(text)
+        complete, self._pending = text[:cut], text[cut:]
+        if not complete:
+            return []
+        return list(csv.reader(io.StringIO(complete)))
+
+
+def _last_row_end(text: str) -> int:
+    """Index just after the last newline that is outside quotes (0 if none)."""
+    inside = False
+    end = 0
+    for index, char in enumerate(text):
+        if char == '"':
+            inside = not inside
+        elif char == "\n" and not inside:
+            end = index + 1
+    return end
+
+
+def _csv_ref(column: str, value: str) -> user_ref_pb2.UserRef | None:
+    value = value.strip()
+    if not value:
+        return None
+    if column == "user_id":
+        return user_ref_pb2.UserRef(user_id=value) if parse_uuid(value) else None
+    if column == "external_id":
+        return user_ref_pb2.UserRef(external_id=value)
+    if column == "subscription_id":
+        return user_ref_pb2.UserRef(subscription_id=value) if parse_uuid(value) else None
+    label = column.split(".", 1)[1]
+    return user_ref_pb2.UserRef(alias=user_ref_pb2.UserRef.Alias(label=label, value=value))
+
+
+async def broadcast_csv(
+    ctx: ServiceContext,
+    app_id: str,
+    requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest],
+) -> broadcast_pb2.Broadcast:
+    """A broadcast to the users of an uploaded CSV, enqueued as the file streams in.
+
+    Raises:
+        InvalidArgument: No options first, bad options, a chunk too large, a file without the
+            ref column.
+    """
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("part") != "options":
+        raise InvalidArgument(
+            "send the options first, then the file",
+            reason="OPTIONS_REQUIRED",
+        )
+    options = first.options
+    _validate(options.broadcast, "options.broadcast", csv_upload=True)
+    _check_request_id(options.request_id, "options.request_id")
+    column = options.ref_column
+    if column not in ("user_id", "external_id", "subscription_id") and not (
+        column.startswith("alias.") and len(column) > len("alias.")
+    ):
+        violations = FieldViolations()
+        violations.add(
+            "options.ref_column",
+            "user_id, external_id, subscription_id or alias.<label>",
+            reason="REQUIRED",
+        )
+        violations.raise_if_any()
+    broadcast = broadcast_pb2.Broadcast()
+    broadcast.CopyFrom(options.broadcast)
+    broadcast.audience.csv.CopyFrom(broadcast_pb2.Audience.CsvFile(ref_column=column))
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        existing = await _existing(conn, app_id, options.request_id)
+        if existing is not None:
+            async for _ in requests:
+                pass
+            return existing
+        row = await _insert(conn, app_id, broadcast, options.request_id, ctx.clock())
+        if row is None:
+            found = await _existing(conn, app_id, options.request_id)
+            assert found is not None
+            return found
+    broadcast_id = row["broadcast_id"]
+    occurred, expire = _times(row)
+    parser = _CsvRows()
+    header: list[str] | None = None
+    ref_index = -1
+    rows_read = rejected = 0
+    page: list[FanOutRecord] = []
+
+    def take(rows: list[list[str]]) -> None:
+        nonlocal header, ref_index, rows_read, rejected
+        for cells in rows:
+            if header is None:
+                header = [cell.strip() for cell in cells]
+                if column not in header:
+                    raise InvalidArgument(
+                        f"the file has no {column!r} column",
+                        reason="CSV_REF_COLUMN_MISSING",
+                    )
+                ref_index = header.index(column)
+                continue
+            if not any(cell.strip() for cell in cells):
+                continue
+            rows_read += 1
+            ref = _csv_ref(column, cells[ref_index]) if ref_index < len(cells) else None
+            if ref is None:
+                rejected += 1
+                continue
+            data = {
+                name: cells[i]
+                for i, name in enumerate(header)
+                if i != ref_index and i < len(cells) and name
+            }
+            page.append(_record(app_id, broadcast_id, ref, occurred, expire, data))
+
+    try:
+        async for message in requests:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidArgument(
+                    "only chunks may follow the options", reason="CSV_CHUNK_EXPECTED"
+                )
+            if len(message.chunk) > MAX_CHUNK_BYTES:
+                raise InvalidArgument("a chunk is at most 1 MiB", reason="CSV_CHUNK_TOO_LARGE")
+            take(parser.feed(message.chunk))
+            if len(page) >= PAGE:
+                if not await _publish(ctx, app_id, broadcast_id, page, ""):
+                    break  # cancelled
+                page = []
+        take(parser.feed(b"", final=True))
+        if header is None:
+            raise InvalidArgument("the file is empty", reason="CSV_EMPTY")
+        broadcast.audience.csv.rows = rows_read
+        broadcast.audience.csv.rejected_rows = rejected
+        await ctx.pool.execute(
+            "UPDATE broadcasts SET audience = $3 WHERE app_id = $1 AND broadcast_id = $2",
+            app_id,
+            broadcast_id,
+            broadcast.audience.SerializeToString(),
+        )
+        await _publish(ctx, app_id, broadcast_id, page, "", done=True)
+    except BaseException as exc:
+        reason = exc.message if isinstance(exc, InvalidArgument) else "the upload was interrupted"
+        await asyncio.shield(_fail(ctx, app_id, broadcast_id, reason))
+        raise
+    return await get_broadcast(ctx.pool, app_id, str(broadcast_id))

@@ -1,0 +1,303 @@
+"""Delivery's calls to identity: profiles, audiences and opt-outs, with a server key per app.
+
+IdentityService answers only app keys (the admin key is refused there), so delivery holds one
+server key per app, minted with the admin key through ``AppsService.CreateApiKey`` the first
+time the app needs it (display name ``tidings-delivery``), stored encrypted in
+``identity_keys`` and cached in memory. Two workers minting at once: the first insert wins and
+the loser revokes its own key. A key someone revoked is noticed (UNAUTHENTICATED), forgotten and
+minted again once.
+
+Errors: identity unreachable -> :class:`Unavailable` (workers retry the batch; RPCs answer
+UNAVAILABLE); a user or segment that does not exist -> None / :class:`NotFound`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import grpc.aio
+from google.protobuf import field_mask_pb2
+from tidings.identity.v1 import (
+    app_pb2,
+    apps_service_pb2,
+    apps_service_pb2_grpc,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
+    segment_pb2,
+    subscription_pb2,
+    user_pb2,
+    user_ref_pb2,
+)
+
+from services.delivery.secrets_box import SecretBox
+from services.runtime.errors import NotFound, Unavailable
+
+__all__ = ["BATCH_GET_MAX", "IdentityClient"]
+
+#: Refs per BatchGetUsers call (identity's maximum).
+BATCH_GET_MAX = 1_000
+LIST_PAGE = 1_000
+_TIMEOUT = 30.0
+_KEY_NAME = "tidings-delivery"
+
+_T = TypeVar("_T")
+
+
+def _unavailable(error: grpc.aio.AioRpcError) -> Unavailable:
+    return Unavailable(
+        "identity is unavailable; retry with backoff",
+        reason="IDENTITY_UNAVAILABLE",
+        metadata={"identity_code": error.code().name},
+    )
+
+
+class _KeyRevoked(Exception):
+    pass
+
+
+class IdentityClient:
+    """Calls identity on behalf of apps.
+
+    Args:
+        target: identity's ``host:port``.
+        admin_key: The admin key (mints the per-app keys).
+        pool: Returns delivery's pool (read per call: it exists only once the service started).
+        box: Seals the stored keys.
+    """
+
+    def __init__(
+        self, target: str, admin_key: str, pool: Callable[[], asyncpg.Pool], box: SecretBox
+    ) -> None:
+        self._target = target
+        self._admin_key = admin_key
+        self._pool = pool
+        self._box = box
+        self._keys: dict[str, tuple[str, str]] = {}  # app -> (key id, secret)
+        self._minting: dict[str, asyncio.Lock] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self._identity: Any = None
+        self._apps: Any = None
+
+    def _stubs(self) -> tuple[Any, Any]:
+        if self._identity is None:
+            self._channel = grpc.aio.insecure_channel(
+                self._target,
+                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            )
+            self._identity = identity_service_pb2_grpc.IdentityServiceStub(self._channel)
+            self._apps = apps_service_pb2_grpc.AppsServiceStub(self._channel)
+        return self._identity, self._apps
+
+    async def close(self) -> None:
+        """Close the channel."""
+        channel, self._channel, self._identity, self._apps = self._channel, None, None, None
+        if channel is not None:
+            await channel.close(None)
+
+    # --- keys -----------------------------------------------------------------------------
+
+    async def _key(self, app_id: str) -> tuple[str, str]:
+        cached = self._keys.get(app_id)
+        if cached is not None:
+            return cached
+        lock = self._minting.setdefault(app_id, asyncio.Lock())
+        async with lock:
+            cached = self._keys.get(app_id)
+            if cached is not None:
+                return cached
+            row = await self._pool().fetchrow(
+                "SELECT key_id, secret FROM identity_keys WHERE app_id = $1", app_id
+            )
+            if row is None:
+                key = await self._mint(app_id)
+            else:
+                key = (row["key_id"], self._box.open(row["secret"], f"identity/{app_id}").decode())
+            self._keys[app_id] = key
+            return key
+
+    async def _mint(self, app_id: str) -> tuple[str, str]:
+        _, apps = self._stubs()
+        admin = (("authorization", f"Bearer {self._admin_key}"),)
+        try:
+            created = await apps.CreateApiKey(
+                apps_service_pb2.CreateApiKeyRequest(
+                    app_id=app_id, scope=app_pb2.API_KEY_SCOPE_SERVER, display_name=_KEY_NAME
+                ),
+                metadata=admin,
+                timeout=_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(
+                    f"identity does not know app {app_id!r}", reason="APP_NOT_FOUND"
+                ) from None
+            raise _unavailable(error) from None
+        key_id, secret = created.api_key.key_id, created.secret
+        row = await self._pool().fetchrow(
+            """
+            INSERT INTO identity_keys (app_id, key_id, secret) VALUES ($1, $2, $3)
+            ON CONFLICT (app_id) DO NOTHING RETURNING key_id
+            """,
+            app_id,
+            key_id,
+            self._box.seal(secret.encode(), f"identity/{app_id}"),
+        )
+        if row is not None:
+            return key_id, secret
+        # Another process minted first: use its key, revoke ours.
+        with contextlib.suppress(grpc.aio.AioRpcError):  # an unused key left is harmless
+            await apps.RevokeApiKey(
+                apps_service_pb2.RevokeApiKeyRequest(app_id=app_id, key_id=key_id),
+                metadata=admin,
+                timeout=_TIMEOUT,
+            )
+        stored = await self._pool().fetchrow(
+            "SELECT key_id, secret FROM identity_keys WHERE app_id = $1", app_id
+        )
+        assert stored is not None
+        return stored["key_id"], self._box.open(stored["secret"], f"identity/{app_id}").decode()
+
+    async def _forget(self, app_id: str, key_id: str) -> None:
+        self._keys.pop(app_id, None)
+        await self._pool().execute(
+            "DELETE FROM identity_keys WHERE app_id = $1 AND key_id = $2", app_id, key_id
+        )
+
+    async def _as_app(self, app_id: str, call: Callable[[Any, Any], Awaitable[_T]]) -> _T:
+        """Run ``call(stub, metadata)`` with the app's key; re-mint once if it was revoked."""
+        identity, _ = self._stubs()
+        for attempt in range(2):
+            key_id, secret = await self._key(app_id)
+            metadata = (("authorization", f"Bearer {secret}"),)
+            try:
+                return await call(identity, metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED and attempt == 0:
+                    await self._forget(app_id, key_id)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def batch_get_users(
+        self, app_id: str, refs: Sequence[user_ref_pb2.UserRef]
+    ) -> list[user_pb2.User | None]:
+        """The profiles of ``refs`` (None where there is none), in order; chunked by 1,000.
+
+        Raises:
+            Unavailable: identity could not be asked.
+        """
+
+        async def one(chunk: list[user_ref_pb2.UserRef]) -> Any:
+            async def call(stub: Any, metadata: Any) -> Any:
+                return await stub.BatchGetUsers(
+                    identity_service_pb2.BatchGetUsersRequest(refs=chunk),
+                    metadata=metadata,
+                    timeout=_TIMEOUT,
+                )
+
+            try:
+                return await self._as_app(app_id, call)
+            except grpc.aio.AioRpcError as error:
+                raise _unavailable(error) from None
+
+        responses = await asyncio.gather(
+            *(
+                one(list(refs[start : start + BATCH_GET_MAX]))
+                for start in range(0, len(refs), BATCH_GET_MAX)
+            )
+        )
+        return [
+            result.user if result.HasField("user") else None
+            for response in responses
+            for result in response.results
+        ]
+
+    async def get_user(self, app_id: str, ref: user_ref_pb2.UserRef) -> user_pb2.User:
+        """One profile.
+
+        Raises:
+            NotFound: No such user (USER_NOT_FOUND).
+            Unavailable: identity could not be asked.
+        """
+        [user] = await self.batch_get_users(app_id, [ref])
+        if user is None:
+            raise NotFound("user not found", reason="USER_NOT_FOUND")
+        return user
+
+    async def list_user_ids(self, app_id: str, page_token: str) -> tuple[list[str], str]:
+        """One page of the app's user ids (oldest first) and the next page token."""
+
+        async def call(stub: Any, metadata: Any) -> Any:
+            return await stub.ListUsers(
+                identity_service_pb2.ListUsersRequest(page_size=LIST_PAGE, page_token=page_token),
+                metadata=metadata,
+                timeout=_TIMEOUT,
+            )
+
+        try:
+            response = await self._as_app(app_id, call)
+        except grpc.aio.AioRpcError as error:
+            raise _unavailable(error) from None
+        return [user.user_id for user in response.users], response.next_page_token
+
+    async def segment_members(self, app_id: str, segment_id: str) -> AsyncIterator[str]:
+        """Stream the user ids of a segment's members.
+
+        Raises:
+            NotFound: The segment does not exist (SEGMENT_NOT_FOUND).
+            FailedPrecondition-like Unavailable: identity could not be asked.
+        """
+        key_id, secret = await self._key(app_id)
+        identity, _ = self._stubs()
+        stream = identity.ListSegmentMembers(
+            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id),
+            metadata=(("authorization", f"Bearer {secret}"),),
+        )
+        try:
+            async for member in stream:
+                yield member.user_id
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise NotFound(
+                    f"segment {segment_id!r} not found",
+                    reason="SEGMENT_NOT_FOUND",
+                    metadata={"segment_id": segment_id},
+                ) from None
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                await self._forget(app_id, key_id)
+            raise _unavailable(error) from None
+
+    async def opt_out(self, app_id: str, subscription_id: str, reason: str) -> None:
+        """Set a subscription's opt-in to UNSUBSCRIBED (one-click unsubscribe).
+
+        Raises:
+            Unavailable: identity could not be asked.
+        """
+
+        async def call(stub: Any, metadata: Any) -> Any:
+            return await stub.UpdateSubscription(
+                identity_service_pb2.UpdateSubscriptionRequest(
+                    subscription=subscription_pb2.Subscription(
+                        subscription_id=subscription_id,
+                        opt_in=subscription_pb2.OPT_IN_STATE_UNSUBSCRIBED,
+                        opt_in_reason=reason,
+                    ),
+                    update_mask=field_mask_pb2.FieldMask(paths=["opt_in", "opt_in_reason"]),
+                ),
+                metadata=metadata,
+                timeout=_TIMEOUT,
+            )
+
+        try:
+            await self._as_app(app_id, call)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return  # the subscription is gone: nothing left to opt out
+            raise _unavailable(error) from None

@@ -1,0 +1,785 @@
+"""The delivery worker: consumes ``delivery.requests`` in batches and sends each message once.
+
+Per polled batch (records of many users and apps):
+
+1. Records of apps this deployment does not know are skipped. Each record's message row is
+   created if new (broadcast and journey records), then read: only a record whose dispatch is
+   the row's current one and whose row is ``queued`` goes on. A redelivered record, a stale
+   dispatch, or a message another worker already took does nothing.
+2. Recipients are resolved with one identity ``BatchGetUsers`` per app (not per message), right
+   before sending: the subscription state and erasures it shows are the latest.
+3. Policy (:mod:`services.delivery.policy`) decides send, defer or fail; templates render.
+   Fails and defers are recorded (timeline, receipt, ledger) in one transaction.
+4. Sends go in chunks: the chunk's ledger rows are moved to ``sending`` and committed (the
+   ledger row written before the provider call), then the providers are called, concurrently
+   and rate-limited, then the outcomes are recorded in one transaction. A worker killed between
+   the two leaves ``sending`` rows: no record of them is ever acted on again (their dispatch is
+   no longer ``queued``), so the provider is never called twice for that key; the scheduler
+   marks them FAILED with reason OUTCOME_UNKNOWN after a while.
+5. RETRY outcomes are parked (``retry_wait``) with exponential backoff and jitter, honouring
+   Retry-After; the scheduler puts them back on the topic as the next dispatch. After
+   ``max_attempts`` provider calls the message fails (RETRIES_EXHAUSTED) and is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from tidings.delivery.v1 import message_pb2, template_pb2
+from tidings.events.v1.dead_letter_pb2 import DeadLetter
+from tidings.events.v1.send_request_pb2 import SendRequest
+from tidings.identity.v1 import user_pb2
+
+from services.delivery import app_settings, channels, messages_store, policy
+from services.delivery.broadcasts_store import BroadcastDeltas, apply_deltas, load_broadcast_specs
+from services.delivery.channel_configs import ChannelConfig, load_configs
+from services.delivery.content import to_outbound_content
+from services.delivery.identity_client import IdentityClient
+from services.delivery.jobs import Job, record_key, spec_of, with_record_data
+from services.delivery.messages_store import Claim, Finish, NewMessage, Park
+from services.delivery.providers.base import (
+    Channel,
+    OutboundMessage,
+    Outcome,
+    ProviderResult,
+    Recipient,
+)
+from services.delivery.providers.registry import Adapters
+from services.delivery.rate_limit import RateLimits
+from services.delivery.receipts import Fact, record_facts
+from services.delivery.render import RenderContext, RenderError, render_content, struct_variables
+from services.delivery.secrets_box import SecretBox
+from services.delivery.settings import DeliverySettings
+from services.delivery.templates import choose_content, load_templates
+from services.delivery.tracking import TrackingLinks, rewrite_html
+from services.runtime import outbox
+from services.runtime.app import Clock, ServiceContext
+from services.runtime.kafka import DEAD_LETTERS, Record
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+S = message_pb2
+_STATUS_QUEUED = S.MESSAGE_STATUS_QUEUED
+_STATUS_DEFERRED = S.MESSAGE_STATUS_DEFERRED
+_STATUS_SENT = S.MESSAGE_STATUS_SENT
+_STATUS_FAILED = S.MESSAGE_STATUS_FAILED
+#: How long an app this deployment does not know is not asked about again.
+_UNKNOWN_APP_SECONDS = 5.0
+#: A rate-limited channel's chunk holds about this many seconds of its calls.
+_CHUNK_SECONDS = 10.0
+
+
+@dataclass(slots=True)
+class _Fail:
+    reason: str
+    detail: str = ""
+    channel: str = ""
+
+
+@dataclass(slots=True)
+class _Defer:
+    due_at: datetime
+    reason: str
+    detail: str = ""
+    channel: str = ""
+
+
+@dataclass(slots=True)
+class _Send:
+    target: policy.Target
+    template_id: str
+    template_version: int
+    content: template_pb2.MessageContent
+    counts_for_cap: bool
+
+
+_Decision = _Fail | _Defer | _Send
+
+
+@dataclass(slots=True)
+class _Item:
+    """One active job with what the worker learnt about it."""
+
+    job: Job
+    spec: message_pb2.MessageSpec | None
+    user: user_pb2.User | None = None
+    decision: _Decision | None = None
+
+
+def _metrics(ctx: ServiceContext) -> tuple[Counter, Histogram]:
+    registry = ctx.metrics.registry
+    outcomes = Counter(
+        "delivery_messages_total",
+        "Messages the workers finished, by outcome (sent, failed, deferred, retry, skipped).",
+        ["outcome"],
+        registry=registry,
+    )
+    calls = Histogram(
+        "delivery_provider_call_seconds",
+        "Provider call latency, by channel.",
+        ["channel"],
+        registry=registry,
+    )
+    return outcomes, calls
+
+
+class Worker:
+    """Handles batches of ``delivery.requests`` records (see the module docstring).
+
+    Args:
+        ctx: The service context (pool, clock, metrics).
+        settings: Delivery settings (batch sizes, retries).
+        identity: The identity client.
+        adapters: Provider adapters by channel.
+        box: Opens stored credentials.
+        links: Tracking links for emails.
+    """
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        settings: DeliverySettings,
+        identity: IdentityClient,
+        adapters: Adapters,
+        box: SecretBox,
+        links: TrackingLinks,
+    ) -> None:
+        self._ctx = ctx
+        self._settings = settings
+        self._identity = identity
+        self._adapters = adapters
+        self._box = box
+        self._links = links
+        self._limits = RateLimits()
+        self._outcomes, self._call_seconds = _metrics(ctx)
+        self._known: set[str] = set()
+        self._unknown: dict[str, float] = {}
+
+    @property
+    def _clock(self) -> Clock:
+        return self._ctx.clock
+
+    async def _known_apps(self, app_ids: set[str]) -> set[str]:
+        """Which apps this deployment knows. A known app stays known; an unknown one is asked
+        about again after a few seconds (it may be configured meanwhile)."""
+        now = time.monotonic()
+        ask = {
+            app_id
+            for app_id in app_ids
+            if app_id and app_id not in self._known and self._unknown.get(app_id, 0.0) <= now
+        }
+        if ask:
+            async with self._ctx.pool.acquire() as conn:
+                found = await app_settings.known_apps(conn, sorted(ask))
+            self._known |= found
+            for app_id in ask - found:
+                self._unknown[app_id] = now + _UNKNOWN_APP_SECONDS
+            if len(self._unknown) > 100_000:
+                self._unknown.clear()
+        return app_ids & self._known
+
+    async def handle(self, records: Sequence[Record[SendRequest]]) -> None:
+        """Process one polled batch. Raising leaves the batch uncommitted (it is redelivered,
+        and the ledger makes the redelivery harmless)."""
+        now = self._clock()
+        # The topic is shared with other deployments: drop their records before reading them.
+        known = await self._known_apps({record.value.app_id for record in records})
+        mine: dict[tuple[str, uuid.UUID], Job] = {}
+        for record in records:
+            if record.value.app_id not in known:
+                continue
+            job = Job.read(record.value, now)
+            if job is not None:
+                mine.setdefault((job.app_id, job.message_id), job)  # a record twice: once
+        if not mine:
+            return
+        pool = self._ctx.pool
+        async with pool.acquire() as conn:
+            await messages_store.insert_missing(
+                conn,
+                [
+                    NewMessage(
+                        app_id=job.app_id,
+                        message_id=job.message_id,
+                        idempotency_key=job.idempotency_key,
+                        user_id=job.request.user_id,
+                        broadcast_id=job.broadcast_id,
+                        state="queued",
+                        status=_STATUS_QUEUED,
+                        expire_at=job.expire_at,
+                    )
+                    for job in mine.values()
+                    if job.dispatch == 0
+                ],
+                now,
+            )
+            rows = await messages_store.load_rows(conn, list(mine))
+            broadcast_ids = {j.broadcast_id for j in mine.values() if j.broadcast_id}
+            broadcasts = await load_broadcast_specs(conn, broadcast_ids)
+        active: dict[str, list[_Item]] = defaultdict(list)
+        skipped = 0
+        for key, job in mine.items():
+            row = rows.get(key)
+            if (
+                row is None
+                or row.idempotency_key != job.idempotency_key
+                or row.state != "queued"
+                or row.dispatch != job.dispatch
+            ):
+                skipped += 1
+                continue
+            spec = spec_of(job.request)
+            cancelled = False
+            if job.broadcast_id is not None:
+                found = broadcasts.get((job.app_id, job.broadcast_id))
+                if found is not None:
+                    cancelled = found.cancelled
+                    if spec is None:
+                        spec = with_record_data(found.spec, job.request)
+            item = _Item(job=job, spec=spec)
+            if cancelled:
+                item.decision = _Fail("BROADCAST_CANCELLED", "the broadcast was cancelled")
+            elif spec is None:
+                item.decision = _Fail("SPEC_MISSING", "the request names nothing to send")
+            active[job.app_id].append(item)
+        if skipped:
+            self._outcomes.labels("skipped").inc(skipped)
+        for app_id, items in active.items():
+            await self._handle_app(app_id, items, {k: r.attempts for k, r in rows.items()})
+
+    async def _handle_app(
+        self, app_id: str, items: list[_Item], attempts: dict[tuple[str, uuid.UUID], int]
+    ) -> None:
+        pending = [item for item in items if item.decision is None]
+        if pending:
+            users = await self._identity.batch_get_users(app_id, [i.job.ref for i in pending])
+            for item, user in zip(pending, users, strict=True):
+                item.user = user
+        pool = self._ctx.pool
+        async with pool.acquire() as conn:
+            settings = (await app_settings.settings_for(conn, [app_id]))[app_id]
+            configs = await load_configs(conn, self._box, [app_id])
+            templates = await load_templates(
+                conn,
+                app_id,
+                [
+                    (option.template_id, option.template_version)
+                    for item in pending
+                    if item.spec is not None
+                    for option in item.spec.options
+                    if option.template_id
+                ],
+            )
+        now = self._clock()
+        reach = policy.Reachability(
+            configured=frozenset(channel for (_, channel) in configs),
+            disabled=frozenset(c for (_, c), config in configs.items() if config.disabled),
+            available=frozenset(self._adapters.by_channel),
+        )
+        for item in pending:
+            item.decision = self._decide(item, settings, reach, templates, now)
+        await self._apply_caps(app_id, pending, settings, now)
+        contexts: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+        for item in pending:
+            if isinstance(item.decision, _Send):
+                item.decision = self._render(item, item.decision, contexts)
+        await self._record_outcomes(items, now)
+        by_channel: dict[Channel, list[_Item]] = defaultdict(list)
+        for item in items:
+            if isinstance(item.decision, _Send):
+                by_channel[item.decision.target.channel].append(item)
+        # A chunk is claimed (committed) right before its calls, and the next chunk is claimed
+        # only once those calls returned: what a crash leaves undecided is one chunk, and no
+        # claim waits long for its call (a rate-limited channel gets chunks it can send in
+        # about _CHUNK_SECONDS). Recording a chunk's outcomes overlaps the next chunk's calls.
+        recording: list[asyncio.Task[None]] = []
+        try:
+            for channel, sends in by_channel.items():
+                config = configs.get((app_id, channel))
+                rate = self._limits.rate(channel, config.rate_limit if config else 0.0)
+                chunk = max(1, self._settings.send_concurrency)
+                if rate > 0:
+                    chunk = min(chunk, max(1, int(rate * _CHUNK_SECONDS)))
+                for start in range(0, len(sends), chunk):
+                    part = sends[start : start + chunk]
+                    results = await self._call_chunk(app_id, part, configs)
+                    if results is not None:
+                        recording.append(
+                            asyncio.create_task(self._record_results(*results, attempts))
+                        )
+        finally:
+            # Always wait: a chunk whose calls were made must have its outcome recorded.
+            outcomes = await asyncio.gather(*recording, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    # --- deciding --------------------------------------------------------------------------
+
+    def _decide(
+        self,
+        item: _Item,
+        settings: app_settings.AppSettings,
+        reach: policy.Reachability,
+        templates: dict[tuple[str, int], template_pb2.Template],
+        now: datetime,
+    ) -> _Decision:
+        job, spec, user = item.job, item.spec, item.user
+        assert spec is not None
+        if job.expire_at is not None and now >= job.expire_at:
+            return _Fail("EXPIRED", f"its time to live ended at {job.expire_at.isoformat()}")
+        if user is None:
+            return _Fail("USER_NOT_FOUND", "identity has no such user (erased or never created)")
+        option_channels: list[str] = []
+        option_templates: list[template_pb2.Template | None] = []
+        for option in spec.options:
+            template = None
+            if option.template_id:
+                template = templates.get((option.template_id, option.template_version))
+                if template is None:
+                    return _Fail("TEMPLATE_NOT_FOUND", f"template {option.template_id} not found")
+            name = channels.channel_name(option.channel) if option.channel else None
+            if name is None and template is not None:
+                name = channels.channel_name(template.channel)
+            option_channels.append(name or "")
+            option_templates.append(template)
+        target = policy.choose_target(user, option_channels, reach)
+        if isinstance(target, str):
+            return _Fail(target, "no send option can reach the user", option_channels[0])
+        option = spec.options[target.option_index]
+        template = option_templates[target.option_index]
+        if template is not None:
+            template_channel = channels.channel_name(template.channel) or ""
+            if channels.content_kind_for(template_channel) != channels.content_kind_for(
+                target.channel.value
+            ):
+                return _Fail(
+                    "TEMPLATE_CHANNEL_MISMATCH",
+                    f"a {template_channel} template cannot go on {target.channel.value}",
+                    target.channel.value,
+                )
+            content, _ = choose_content(template, spec.locale or user.language)
+        else:
+            content = option.content
+        if settings.quiet_enabled and not spec.bypass_quiet_hours:
+            zone = policy.user_zone(user, settings.default_timezone)
+            rule = policy.QuietRule(settings.quiet_start, settings.quiet_end)
+            end = policy.quiet_hours_end(now, rule, zone)
+            if end is not None:
+                return _Defer(
+                    end,
+                    "QUIET_HOURS",
+                    f"quiet hours in {zone.key} end at {end.isoformat()}",
+                    target.channel.value,
+                )
+        return _Send(
+            target=target,
+            template_id=template.template_id if template is not None else "",
+            template_version=template.version if template is not None else 0,
+            content=content,
+            counts_for_cap=not spec.bypass_frequency_cap,
+        )
+
+    def _cap_rule(
+        self, spec: message_pb2.MessageSpec, settings: app_settings.AppSettings
+    ) -> policy.CapRule | None:
+        if spec.bypass_frequency_cap:
+            return None
+        if spec.HasField("frequency_cap"):
+            cap = spec.frequency_cap
+            return policy.CapRule(
+                cap.max_messages,
+                timedelta(seconds=cap.window.seconds),
+                cap.action == message_pb2.FrequencyCap.ACTION_DEFER,
+            )
+        if settings.cap_max <= 0:
+            return None
+        return policy.CapRule(
+            settings.cap_max,
+            timedelta(seconds=settings.cap_window_seconds),
+            settings.cap_action == "defer",
+        )
+
+    async def _apply_caps(
+        self,
+        app_id: str,
+        items: list[_Item],
+        settings: app_settings.AppSettings,
+        now: datetime,
+    ) -> None:
+        capped: list[tuple[_Item, _Send, policy.CapRule]] = []
+        for item in items:
+            decision = item.decision
+            if isinstance(decision, _Send) and item.spec is not None:
+                rule = self._cap_rule(item.spec, settings)
+                if rule is not None and rule.max_messages > 0:
+                    capped.append((item, decision, rule))
+        if not capped:
+            return
+        longest = max(rule.window for _, _, rule in capped)
+        pairs = sorted(
+            {(item.user.user_id, d.target.channel.value) for item, d, _ in capped if item.user}
+        )
+        async with self._ctx.pool.acquire() as conn:
+            recent = await messages_store.recent_sends(conn, app_id, pairs, now - longest)
+        for item, decision, rule in capped:
+            assert item.user is not None
+            pair = (item.user.user_id, decision.target.channel.value)
+            over, fits_at = policy.cap_verdict(now, rule, recent.get(pair, []))
+            if not over:
+                recent.setdefault(pair, []).append(now)  # counts for the rest of the batch
+                continue
+            detail = f"at most {rule.max_messages} per {rule.window} on {pair[1]}"
+            if rule.defer and fits_at is not None:
+                item.decision = _Defer(fits_at, "FREQUENCY_CAPPED", detail, pair[1])
+            else:
+                item.decision = _Fail("FREQUENCY_CAPPED", detail, pair[1])
+
+    def _render(
+        self,
+        item: _Item,
+        decision: _Send,
+        contexts: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]],
+    ) -> _Decision:
+        job, spec, user = item.job, item.spec, item.user
+        assert spec is not None
+        assert user is not None
+        # A broadcast's messages share one spec: convert its Structs once per batch.
+        converted = contexts.get(id(spec))
+        if converted is None:
+            converted = contexts[id(spec)] = (
+                struct_variables(spec.data),
+                struct_variables(spec.event_properties),
+                struct_variables(spec.journey),
+            )
+        context = RenderContext(
+            data=converted[0],
+            event=converted[1],
+            journey=converted[2],
+            message={
+                "message_id": str(job.message_id),
+                "channel": decision.target.channel.value,
+                "broadcast_id": str(job.broadcast_id or ""),
+                "requested_at_ms": int(job.requested_at.timestamp() * 1000),
+            },
+        )
+        try:
+            rendered = render_content(decision.content, context.variables(user))
+        except RenderError as exc:
+            return _Fail("RENDER_FAILED", str(exc), decision.target.channel.value)
+        if rendered.WhichOneof("kind") == "email" and rendered.email.html:
+            rendered.email.html = rewrite_html(
+                rendered.email.html, self._links, job.app_id, job.message_id
+            )
+        decision.content = rendered
+        return decision
+
+    # --- recording -------------------------------------------------------------------------
+
+    def _fact(self, job: Job, status: int, now: datetime, **fields: Any) -> Fact:
+        request = job.request
+        return Fact(
+            app_id=job.app_id,
+            message_id=job.message_id,
+            user_id=fields.pop("user_id", "") or request.user_id,
+            status=status,
+            time=now,
+            idempotency_key=job.idempotency_key,
+            broadcast_id=str(job.broadcast_id or ""),
+            journey_id=request.journey_id,
+            journey_node_id=request.journey_node_id,
+            **fields,
+        )
+
+    def _parked_request(self, job: Job, user_id: str) -> bytes:
+        request = SendRequest()
+        request.CopyFrom(job.request)
+        if user_id:
+            request.user_id = user_id
+            request.ClearField("user")
+        if not request.HasField("occurred_at"):
+            request.occurred_at.FromDatetime(job.requested_at)
+        return request.SerializeToString()
+
+    async def _record_outcomes(self, items: list[_Item], now: datetime) -> None:
+        finishes: list[Finish] = []
+        parks: list[Park] = []
+        facts: dict[uuid.UUID, Fact] = {}
+        deltas = BroadcastDeltas()
+        for item in items:
+            job, decision = item.job, item.decision
+            user_id = item.user.user_id if item.user is not None else ""
+            if isinstance(decision, _Fail):
+                finishes.append(
+                    Finish(
+                        job.app_id,
+                        job.message_id,
+                        "queued",
+                        job.dispatch,
+                        "failed",
+                        _STATUS_FAILED,
+                        user_id,
+                        decision.channel,
+                    )
+                )
+                facts[job.message_id] = self._fact(
+                    job,
+                    _STATUS_FAILED,
+                    now,
+                    user_id=user_id,
+                    reason=decision.reason,
+                    detail=decision.detail,
+                    channel=decision.channel,
+                    nth=str(job.dispatch),
+                )
+                deltas.add(job, failed=1)
+            elif isinstance(decision, _Defer):
+                parks.append(
+                    Park(
+                        job.app_id,
+                        job.message_id,
+                        "queued",
+                        job.dispatch,
+                        "deferred",
+                        decision.due_at,
+                        self._parked_request(job, user_id),
+                        user_id,
+                        decision.channel,
+                    )
+                )
+                facts[job.message_id] = self._fact(
+                    job,
+                    _STATUS_DEFERRED,
+                    now,
+                    user_id=user_id,
+                    reason=decision.reason,
+                    detail=decision.detail,
+                    channel=decision.channel,
+                    nth=str(job.dispatch),
+                )
+                deltas.add(job, deferred=1)
+        if not finishes and not parks:
+            return
+        async with self._ctx.pool.acquire() as conn, conn.transaction():
+            changed = await messages_store.finish(conn, finishes, now)
+            changed |= await messages_store.park(conn, parks, now)
+            await record_facts(conn, [fact for mid, fact in facts.items() if mid in changed])
+            await apply_deltas(conn, deltas.only(changed))
+        failed = sum(1 for f in finishes if f.message_id in changed)
+        self._outcomes.labels("failed").inc(failed)
+        self._outcomes.labels("deferred").inc(len(changed) - failed)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def _call_chunk(
+        self,
+        app_id: str,
+        items: list[_Item],
+        configs: dict[tuple[str, Channel], ChannelConfig],
+    ) -> tuple[list[_Item], list[ProviderResult]] | None:
+        """Claim a chunk's ledger rows, then call the providers for the claimed ones."""
+        now = self._clock()
+        claims = []
+        for item in items:
+            decision = item.decision
+            assert isinstance(decision, _Send)
+            assert item.user is not None
+            subscription = decision.target.subscription
+            claims.append(
+                Claim(
+                    app_id=app_id,
+                    message_id=item.job.message_id,
+                    dispatch=item.job.dispatch,
+                    user_id=item.user.user_id,
+                    channel=decision.target.channel.value,
+                    subscription_id=subscription.subscription_id if subscription else "",
+                    template_id=decision.template_id,
+                    template_version=decision.template_version,
+                    counts_for_cap=decision.counts_for_cap,
+                )
+            )
+        # The ledger rows, committed before any provider call.
+        async with self._ctx.pool.acquire() as conn:
+            claimed = await messages_store.claim(conn, claims, now)
+        mine = [item for item in items if item.job.message_id in claimed]
+        if not mine:
+            return None
+        results = await asyncio.gather(*(self._call_provider(item, configs) for item in mine))
+        return mine, list(results)
+
+    async def _call_provider(
+        self, item: _Item, configs: dict[tuple[str, Channel], ChannelConfig]
+    ) -> ProviderResult:
+        decision = item.decision
+        assert isinstance(decision, _Send)
+        job, channel = item.job, decision.target.channel
+        adapter = self._adapters.get(channel)
+        config = configs.get((job.app_id, channel))
+        if adapter is None or config is None:
+            return ProviderResult(Outcome.FAILED, detail=f"{channel.value}:not available")
+        subscription = decision.target.subscription
+        recipient = Recipient()
+        if subscription is not None:
+            recipient = Recipient(
+                address=subscription.token,
+                web_push_p256dh=subscription.web_push_keys.p256dh,
+                web_push_auth=subscription.web_push_keys.auth,
+            )
+        content = to_outbound_content(
+            decision.content,
+            unsubscribe_url=self._links.unsubscribe_url(job.app_id, job.message_id)
+            if channel is Channel.EMAIL
+            else "",
+        )
+        ttl = None
+        if job.expire_at is not None:
+            ttl = max(1, int((job.expire_at - self._clock()).total_seconds()))
+        message = OutboundMessage(
+            message_id=str(job.message_id),
+            idempotency_key=job.idempotency_key,
+            channel=channel,
+            recipient=recipient,
+            content=content,
+            ttl_seconds=ttl,
+        )
+        await self._limits.bucket(job.app_id, channel, config.rate_limit).take()
+        started = time.perf_counter()
+        try:
+            result = await adapter.send(message, config.credentials)
+        except Exception as exc:  # adapters should not raise; if one does, retry later
+            log.exception("the %s adapter raised", adapter.name)
+            result = ProviderResult(
+                Outcome.RETRY, detail=f"{adapter.name}:adapter error {type(exc).__name__}"
+            )
+        self._call_seconds.labels(channel.value).observe(time.perf_counter() - started)
+        return result
+
+    async def _record_results(
+        self,
+        items: list[_Item],
+        results: Sequence[ProviderResult],
+        attempts: dict[tuple[str, uuid.UUID], int],
+    ) -> None:
+        now = self._clock()
+        settings = self._settings
+        finishes: list[Finish] = []
+        parks: list[Park] = []
+        facts: dict[uuid.UUID, Fact] = {}
+        dead: list[tuple[str, DeadLetter]] = []
+        deltas = BroadcastDeltas()
+        for item, result in zip(items, results, strict=True):
+            job, decision, user = item.job, item.decision, item.user
+            assert isinstance(decision, _Send)
+            assert user is not None
+            channel = decision.target.channel.value
+            subscription = decision.target.subscription
+            common: dict[str, Any] = {
+                "user_id": user.user_id,
+                "channel": channel,
+                "subscription_id": subscription.subscription_id if subscription else "",
+                "detail": result.detail,
+            }
+            attempt = attempts.get((job.app_id, job.message_id), 0) + 1
+            if result.outcome is Outcome.SENT:
+                finishes.append(
+                    Finish(
+                        job.app_id,
+                        job.message_id,
+                        "sending",
+                        job.dispatch,
+                        "sent",
+                        _STATUS_SENT,
+                        user.user_id,
+                        channel,
+                        result.provider_message_id,
+                    )
+                )
+                facts[job.message_id] = self._fact(job, _STATUS_SENT, now, **common)
+                deltas.add(job, sent=1)
+            elif result.outcome is Outcome.RETRY and attempt < settings.max_attempts:
+                delay = policy.backoff_seconds(
+                    attempt,
+                    base=settings.retry_base_seconds,
+                    maximum=settings.retry_max_seconds,
+                    retry_after=result.retry_after,
+                )
+                due = now + timedelta(seconds=delay)
+                parks.append(
+                    Park(
+                        job.app_id,
+                        job.message_id,
+                        "sending",
+                        job.dispatch,
+                        "retry_wait",
+                        due,
+                        self._parked_request(job, user.user_id),
+                        user.user_id,
+                        channel,
+                    )
+                )
+                facts[job.message_id] = self._fact(
+                    job,
+                    _STATUS_DEFERRED,
+                    now,
+                    reason="PROVIDER_RETRY",
+                    nth=f"r{attempt}",
+                    **common,
+                )
+                deltas.add(job, deferred=1)
+            else:
+                exhausted = result.outcome is Outcome.RETRY
+                reason = "RETRIES_EXHAUSTED" if exhausted else "PROVIDER_REJECTED"
+                finishes.append(
+                    Finish(
+                        job.app_id,
+                        job.message_id,
+                        "sending",
+                        job.dispatch,
+                        "failed",
+                        _STATUS_FAILED,
+                        user.user_id,
+                        channel,
+                    )
+                )
+                facts[job.message_id] = self._fact(
+                    job,
+                    _STATUS_FAILED,
+                    now,
+                    reason=reason,
+                    token_invalid=result.token_invalid,
+                    nth=f"f{attempt}",
+                    **common,
+                )
+                deltas.add(job, failed=1)
+                if exhausted:
+                    letter = DeadLetter(
+                        event_id=str(uuid.uuid5(job.message_id, f"dead:{attempt}")),
+                        source_topic="delivery.requests",
+                        key=record_key(job.request).encode(),
+                        value=job.request.SerializeToString(),
+                        service="delivery",
+                        reason=f"{reason} after {attempt} attempts: {result.detail}",
+                    )
+                    letter.occurred_at.FromDatetime(now)
+                    dead.append((user.user_id, letter))
+        async with self._ctx.pool.acquire() as conn, conn.transaction():
+            changed = await messages_store.finish(conn, finishes, now)
+            changed |= await messages_store.park(conn, parks, now)
+            await record_facts(conn, [fact for mid, fact in facts.items() if mid in changed])
+            await apply_deltas(conn, deltas.only(changed))
+            await outbox.enqueue_many(conn, DEAD_LETTERS, dead)
+        for finish in finishes:
+            if finish.message_id in changed:
+                self._outcomes.labels("sent" if finish.state == "sent" else "failed").inc()
+        self._outcomes.labels("retry").inc(sum(1 for p in parks if p.message_id in changed))

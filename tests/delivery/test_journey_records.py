@@ -1,0 +1,77 @@
+"""Records a journey produces on delivery.requests (template, channels, trigger properties, its
+ids): the worker sends them once, however often they are redelivered, and the receipts carry
+the journey's key and ids back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from google.protobuf import struct_pb2, timestamp_pb2
+from tidings.delivery.v1 import channel_pb2, message_pb2, template_pb2
+from tidings.delivery.v1 import delivery_service_pb2 as dpb
+from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
+from tidings.events.v1.send_request_pb2 import SendRequest
+
+from services.delivery.jobs import derive_message_id
+from services.runtime.kafka import DELIVERY_REQUESTS, Producer
+from tests.conftest import KAFKA_BOOTSTRAP
+from tests.delivery.sink import Sink
+from tests.delivery.support import DeliveryHarness, ReceiptFeed
+
+
+async def test_a_journey_record_is_sent_once_with_its_context(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    template = await harness.delivery.CreateTemplate(
+        dpb.CreateTemplateRequest(
+            template=template_pb2.Template(
+                display_name="cart reminder",
+                channel=channel_pb2.CHANNEL_WEBHOOK,
+                content=template_pb2.MessageContent(
+                    webhook=template_pb2.WebhookContent(
+                        url=f"{sink.url}/j",
+                        body='{"sku": "{{ event.sku }}", "node": "{{ journey.node_id }}"}',
+                    )
+                ),
+            )
+        ),
+        metadata=harness.server,
+    )
+    user = await harness.user()
+    key = f"journey-1:node-2:visit-{uuid.uuid4().hex[:6]}"
+    properties = struct_pb2.Struct()
+    properties.update({"sku": "A-1"})
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    record = SendRequest(
+        event_id=str(uuid.uuid4()),
+        app_id=harness.app.app_id,
+        user_id=user.user_id,
+        idempotency_key=key,
+        occurred_at=now,
+        template_id=template.template_id,
+        channels=["webhook"],
+        journey_id="journey-1",
+        journey_node_id="node-2",
+        trigger_properties=properties,
+    )
+    message_id = str(derive_message_id(harness.app.app_id, key))
+    async with (
+        Producer(KAFKA_BOOTSTRAP, client_id="test-journey") as producer,
+        ReceiptFeed(harness.app.app_id) as feed,
+    ):
+        for _ in range(3):  # redelivered, or produced again by a retrying engine
+            await producer.send(DELIVERY_REQUESTS, user.user_id, record)
+        message = await harness.wait_status(message_id, message_pb2.MESSAGE_STATUS_SENT)
+        await feed.until(lambda _: bool(feed.of(message_id, DeliveryReceipt.STATUS_SENT)))
+    assert message.idempotency_key == key
+    assert message.template_id == template.template_id
+    assert [json.loads(r.body) for r in sink.received] == [{"sku": "A-1", "node": "node-2"}]
+    [receipt] = feed.of(message_id, DeliveryReceipt.STATUS_SENT)
+    assert (receipt.idempotency_key, receipt.journey_id, receipt.journey_node_id) == (
+        key,
+        "journey-1",
+        "node-2",
+    )

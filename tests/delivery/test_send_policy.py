@@ -1,0 +1,330 @@
+"""Send-time policy end to end: consent, erasure, TTL, quiet hours, frequency caps, send-at,
+best channel, render failures. Each message ends with a status and a reason on its timeline."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import duration_pb2, field_mask_pb2
+from google.type import timeofday_pb2
+from tidings.delivery.v1 import channel_pb2, message_pb2, template_pb2
+from tidings.delivery.v1 import delivery_service_pb2 as dpb
+from tidings.identity.v1 import identity_service_pb2 as ipb
+from tidings.identity.v1 import subscription_pb2 as spb
+
+from tests.delivery.sink import Sink
+from tests.delivery.support import DeliveryHarness, by_id, inline, webhook
+
+S = message_pb2
+WEBHOOK = channel_pb2.CHANNEL_WEBHOOK
+TELEGRAM = channel_pb2.CHANNEL_TELEGRAM
+
+
+def _text(text: str) -> template_pb2.MessageContent:
+    return template_pb2.MessageContent(text=template_pb2.TextContent(text=text))
+
+
+def _chat() -> str:
+    return str(10**9 + uuid.uuid4().int % 10**9)
+
+
+def _reason(message: message_pb2.Message) -> str:
+    return message.timeline[-1].reason
+
+
+async def test_opted_out_subscription_is_never_messaged(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.telegram_channel(sink.url)
+    user = await harness.user()
+    await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, _chat(), opted_in=False)
+    [result] = (await harness.send([by_id(user.user_id)], inline(TELEGRAM, _text("hi")))).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)
+    assert _reason(message) == "NOT_OPTED_IN"
+    assert sink.count == 0
+
+
+async def test_an_unsubscribe_before_the_send_wins(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.telegram_channel(sink.url)
+    user = await harness.user()
+    subscription = await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, _chat())
+    await harness.opt_out(subscription.subscription_id)
+    [result] = (await harness.send([by_id(user.user_id)], inline(TELEGRAM, _text("hi")))).results
+    assert _reason(await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)) == (
+        "NOT_OPTED_IN"
+    )
+    assert sink.count == 0
+
+
+async def test_a_subscribed_telegram_chat_gets_the_text(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.telegram_channel(sink.url)
+    user = await harness.user(first_name="Ana")
+    chat = _chat()
+    subscription = await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, chat)
+    [result] = (
+        await harness.send(
+            [by_id(user.user_id)], inline(TELEGRAM, _text("Hi {{ user.first_name }}"))
+        )
+    ).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT)
+    assert message.subscription_id == subscription.subscription_id
+    [request] = sink.received
+    assert request.json() == {"chat_id": chat, "text": "Hi Ana"}
+
+
+async def test_best_channel_falls_back_in_order(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()  # no telegram subscription: the webhook option is used
+    spec = message_pb2.MessageSpec(
+        options=[
+            message_pb2.SendOption(channel=TELEGRAM, content=_text("hi")),
+            message_pb2.SendOption(channel=WEBHOOK, content=webhook(f"{sink.url}/fallback")),
+        ]
+    )
+    [result] = (await harness.send([by_id(user.user_id)], spec)).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT)
+    assert message.channel == WEBHOOK
+    assert sink.received[0].path == "/fallback"
+
+
+async def test_a_deleted_user_is_never_messaged(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    await harness.identity.DeleteUser(
+        ipb.DeleteUserRequest(ref=by_id(user.user_id)), metadata=harness.server
+    )
+    [result] = (
+        await harness.send([by_id(user.user_id)], inline(WEBHOOK, webhook(f"{sink.url}/x")))
+    ).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)
+    assert _reason(message) == "USER_NOT_FOUND"
+    assert sink.count == 0
+
+
+async def test_an_unknown_user_fails_with_a_reason(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    [result] = (await harness.send([by_id(str(uuid.uuid4()))], spec)).results
+    assert _reason(await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)) == (
+        "USER_NOT_FOUND"
+    )
+
+
+async def test_a_missing_variable_fails_that_message_only(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    named, nameless = await harness.user(first_name="Ana"), await harness.user()
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x", body="{{ user.first_name }}"))
+    ok, bad = (await harness.send([by_id(named.user_id), by_id(nameless.user_id)], spec)).results
+    await harness.wait_status(ok.message_id, S.MESSAGE_STATUS_SENT)
+    failed = await harness.wait_status(bad.message_id, S.MESSAGE_STATUS_FAILED)
+    assert _reason(failed) == "RENDER_FAILED"
+    assert "user.first_name" in failed.timeline[-1].detail
+    assert [r.body for r in sink.received] == [b"Ana"]
+
+
+async def test_an_expired_message_is_not_sent(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    spec.ttl.CopyFrom(duration_pb2.Duration(seconds=1))
+    later = datetime.now(UTC) + timedelta(seconds=2)
+    response = await harness.send([by_id(user.user_id)], spec, send_time=_stamp(later))
+    [result] = response.results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED, within=20)
+    assert _reason(message) == "EXPIRED"
+    assert sink.count == 0
+
+
+def _stamp(moment: datetime) -> object:
+    from google.protobuf import timestamp_pb2
+
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+async def test_send_at_defers_then_sends(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    at = datetime.now(UTC) + timedelta(seconds=2)
+    [result] = (
+        await harness.send(
+            [by_id(user.user_id)], inline(WEBHOOK, webhook(f"{sink.url}/x")), send_time=_stamp(at)
+        )
+    ).results
+    waiting = await harness.message(result.message_id)
+    assert waiting.status == S.MESSAGE_STATUS_DEFERRED
+    assert waiting.timeline[-1].reason == "SEND_AT"
+    await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT, within=20)
+    assert sink.received[0].time >= at.timestamp() - 0.05
+
+
+async def _settings(
+    harness: DeliveryHarness, settings: message_pb2.DeliverySettings, *paths: str
+) -> None:
+    await harness.delivery.UpdateDeliverySettings(
+        dpb.UpdateDeliverySettingsRequest(
+            settings=settings, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        ),
+        metadata=harness.server,
+    )
+
+
+async def test_quiet_hours_defer_to_the_end_of_the_window_in_the_users_zone(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    zone = "Asia/Tokyo"
+    now_local = datetime.now(UTC).astimezone(__import__("zoneinfo").ZoneInfo(zone))
+    start = now_local - timedelta(hours=1)
+    end = now_local + timedelta(hours=2)
+    quiet = message_pb2.QuietHours(
+        enabled=True,
+        start_time=timeofday_pb2.TimeOfDay(hours=start.hour, minutes=start.minute),
+        end_time=timeofday_pb2.TimeOfDay(hours=end.hour, minutes=end.minute),
+    )
+    await _settings(harness, message_pb2.DeliverySettings(quiet_hours=quiet), "quiet_hours")
+    user = await harness.user(timezone=zone)
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    [result] = (await harness.send([by_id(user.user_id)], spec)).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_DEFERRED)
+    assert _reason(message) == "QUIET_HOURS"
+    due = message.next_attempt_time.ToDatetime(tzinfo=UTC)
+    expected = end.replace(second=0, microsecond=0).astimezone(UTC)
+    assert abs((due - expected).total_seconds()) < 61
+    # Transactional messages may bypass quiet hours.
+    spec.bypass_quiet_hours = True
+    [urgent] = (await harness.send([by_id(user.user_id)], spec)).results
+    await harness.wait_status(urgent.message_id, S.MESSAGE_STATUS_SENT)
+    assert sink.count == 1
+
+
+async def test_frequency_cap_drops_over_the_cap_with_a_reason(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    cap = message_pb2.FrequencyCap(
+        max_messages=2,
+        window=duration_pb2.Duration(seconds=3600),
+        action=message_pb2.FrequencyCap.ACTION_DROP,
+    )
+    await _settings(harness, message_pb2.DeliverySettings(frequency_cap=cap), "frequency_cap")
+    user = await harness.user()
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    ids = []
+    for _ in range(3):
+        [result] = (await harness.send([by_id(user.user_id)], spec)).results
+        ids.append(result.message_id)
+        await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT, S.MESSAGE_STATUS_FAILED)
+    statuses = [(await harness.message(i)) for i in ids]
+    assert [m.status for m in statuses] == [
+        S.MESSAGE_STATUS_SENT,
+        S.MESSAGE_STATUS_SENT,
+        S.MESSAGE_STATUS_FAILED,
+    ]
+    assert _reason(statuses[2]) == "FREQUENCY_CAPPED"
+    # A per-send override lifts it.
+    spec.frequency_cap.CopyFrom(
+        message_pb2.FrequencyCap(max_messages=5, window=duration_pb2.Duration(seconds=3600))
+    )
+    [more] = (await harness.send([by_id(user.user_id)], spec)).results
+    await harness.wait_status(more.message_id, S.MESSAGE_STATUS_SENT)
+    assert sink.count == 3
+
+
+async def test_frequency_cap_can_defer_instead(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    spec.frequency_cap.CopyFrom(
+        message_pb2.FrequencyCap(
+            max_messages=1,
+            window=duration_pb2.Duration(seconds=60),
+            action=message_pb2.FrequencyCap.ACTION_DEFER,
+        )
+    )
+    [first] = (await harness.send([by_id(user.user_id)], spec)).results
+    await harness.wait_status(first.message_id, S.MESSAGE_STATUS_SENT)
+    [second] = (await harness.send([by_id(user.user_id)], spec)).results
+    deferred = await harness.wait_status(second.message_id, S.MESSAGE_STATUS_DEFERRED)
+    assert _reason(deferred) == "FREQUENCY_CAPPED"
+    sent_at = (await harness.message(first.message_id)).timeline[-1].time.ToDatetime(tzinfo=UTC)
+    due = deferred.next_attempt_time.ToDatetime(tzinfo=UTC)
+    assert abs((due - (sent_at + timedelta(seconds=60))).total_seconds()) < 2
+
+
+async def test_send_validation_names_fields(harness: DeliveryHarness) -> None:
+    from tests.identity.support import failure
+
+    failed = await failure(
+        harness.delivery.Send(
+            dpb.SendRequest(
+                users=[by_id("not-a-uuid")],
+                spec=message_pb2.MessageSpec(
+                    options=[message_pb2.SendOption(template_id=str(uuid.uuid4()))]
+                ),
+                idempotency_key="has spaces",
+            ),
+            metadata=harness.server,
+        )
+    )
+    assert failed.fields == ["users[0].user_id", "idempotency_key"]
+    failed = await failure(
+        harness.delivery.Send(
+            dpb.SendRequest(
+                users=[by_id(str(uuid.uuid4()))],
+                spec=message_pb2.MessageSpec(
+                    options=[message_pb2.SendOption(template_id=str(uuid.uuid4()))]
+                ),
+            ),
+            metadata=harness.server,
+        )
+    )
+    assert failed.fields == ["spec.options[0].template_id"]
+
+
+async def test_a_dead_token_disables_the_subscription_in_identity(
+    harness: DeliveryHarness,
+) -> None:
+    """Telegram answers 403 (the user blocked the bot): the FAILED receipt carries
+    token_invalid, identity's receipts consumer disables the subscription, and the next send
+    finds no enabled subscription."""
+    blocked: tuple[int, dict[str, str], bytes] = (
+        403,
+        {},
+        b'{"ok": false, "error_code": 403, '
+        b'"description": "Forbidden: bot was blocked by the user"}',
+    )
+    async with Sink(script=lambda _: blocked) as telegram:
+        await harness.telegram_channel(telegram.url)
+        user = await harness.user()
+        subscription = await harness.subscribe(
+            user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, _chat()
+        )
+        [result] = (
+            await harness.send([by_id(user.user_id)], inline(TELEGRAM, _text("hi")))
+        ).results
+        failed = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)
+        assert _reason(failed) == "PROVIDER_REJECTED"
+        deadline = datetime.now(UTC) + timedelta(seconds=30)
+        while True:
+            found = await harness.identity.GetSubscription(
+                ipb.GetSubscriptionRequest(subscription_id=subscription.subscription_id),
+                metadata=harness.server,
+            )
+            if not found.enabled:
+                break
+            assert datetime.now(UTC) < deadline, "identity never disabled the dead chat"
+            await asyncio.sleep(0.2)
+        assert found.disabled_reason.startswith("telegram")
+        [again] = (await harness.send([by_id(user.user_id)], inline(TELEGRAM, _text("hi")))).results
+        assert _reason(await harness.wait_status(again.message_id, S.MESSAGE_STATUS_FAILED)) == (
+            "SUBSCRIPTION_DISABLED"
+        )
+        assert telegram.count == 1

@@ -1,0 +1,198 @@
+"""Workers as a consumer group of real processes: the work is split, nothing is done twice, and
+a worker SIGKILLed in the middle of a batch never causes a second provider call for a key."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import asyncpg
+import grpc.aio
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from tidings.delivery.v1 import broadcast_pb2, channel_pb2, delivery_service_pb2_grpc
+from tidings.delivery.v1 import delivery_service_pb2 as dpb
+from tidings.identity.v1 import identity_service_pb2 as ipb
+from tidings.identity.v1 import identity_service_pb2_grpc, user_pb2
+
+from tests.conftest import KAFKA_BOOTSTRAP, temporary_database
+from tests.delivery.sink import Sink
+from tests.delivery.support import by_id, delivery_env, ext, inline, struct, webhook
+from tests.e2e.processes import ServiceProcess, start_service
+from tests.identity.conftest import TestApp
+
+B = broadcast_pb2.Broadcast
+
+
+async def _users(identity: object, app: TestApp, count: int) -> list[str]:
+    stub = identity
+    requests = [
+        ipb.UpsertUserRequest(ref=ext(f"w-{i}-{time.time_ns()}"), user=user_pb2.User())
+        for i in range(count)
+    ]
+    response = await stub.BatchUpsertUsers(  # type: ignore[attr-defined]
+        ipb.BatchUpsertUsersRequest(requests=requests), metadata=app.server
+    )
+    return [r.user.user_id for r in response.results]
+
+
+async def _group_members(group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([group])
+        # groups: (error_code, group, state, protocol_type, protocol, members)
+        [(_, _, state, _, _, members)] = response.groups
+        return len(members) if state == "Stable" else 0
+    finally:
+        await admin.close()
+
+
+async def _workers(
+    stack: AsyncExitStack, identity_target: str, dsn: str, count: int, **env: str
+) -> list[ServiceProcess]:
+    processes = []
+    for _ in range(count):
+        environment, _ = delivery_env(identity_target, **env)
+        service = await start_service("delivery", database_url=dsn, env=environment)
+        stack.push_async_callback(service.kill)
+        processes.append(service)
+    for service in processes:
+        await service.wait_serving()
+    conn = await asyncpg.connect(dsn)
+    try:
+        instance = await conn.fetchval("SELECT id FROM outbox_instance")
+    finally:
+        await conn.close()
+    group = f"delivery.workers.{instance}"
+    deadline = time.monotonic() + 60
+    while await _group_members(group) != count:
+        assert time.monotonic() < deadline, "the workers never formed one group"
+        await asyncio.sleep(0.5)
+    return processes
+
+
+async def _sent_by(service: ServiceProcess) -> float:
+    text = await service.metrics()
+    match = re.search(r'^delivery_messages_total\{outcome="sent"\} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _broadcast(delivery: object, app: TestApp, sink: Sink, user_ids: list[str]) -> str:
+    stub = delivery
+    await stub.UpdateChannelConfig(  # type: ignore[attr-defined]
+        dpb.UpdateChannelConfigRequest(
+            channel_config=channel_pb2.ChannelConfig(
+                channel=channel_pb2.CHANNEL_WEBHOOK,
+                credentials=struct({"signing_secret": "x" * 20, "allow_loopback": True}),
+            )
+        ),
+        metadata=app.server,
+    )
+    refs = [by_id(u) for u in user_ids]
+    created = await stub.Broadcast(  # type: ignore[attr-defined]
+        dpb.BroadcastRequest(
+            broadcast=B(
+                audience=broadcast_pb2.Audience(users=broadcast_pb2.Audience.UserList(refs=refs)),
+                spec=inline(channel_pb2.CHANNEL_WEBHOOK, webhook(f"{sink.url}/w", body="{}")),
+            )
+        ),
+        metadata=app.server,
+    )
+    return str(created.broadcast_id)
+
+
+async def _until_settled(
+    delivery: object, app: TestApp, broadcast_id: str, total: int, within: float = 90
+) -> broadcast_pb2.Broadcast:
+    deadline = time.monotonic() + within
+    while True:
+        found = await delivery.GetBroadcast(  # type: ignore[attr-defined]
+            dpb.GetBroadcastRequest(broadcast_id=broadcast_id), metadata=app.server
+        )
+        if found.sent_count + found.failed_count >= total:
+            return found  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"not settled: {found}"
+        await asyncio.sleep(0.3)
+
+
+@pytest.fixture
+async def worker_db() -> AsyncIterator[str]:
+    async with temporary_database() as dsn:
+        yield dsn
+
+
+async def test_two_workers_split_the_work_and_send_each_message_once(
+    identity_service: ServiceProcess, worker_db: str, app: TestApp
+) -> None:
+    total = 400
+    async with AsyncExitStack() as stack, Sink(keep=False) as sink:
+        first, second = await _workers(stack, identity_service.grpc_target, worker_db, 2)
+        async with (
+            grpc.aio.insecure_channel(identity_service.grpc_target) as identity_channel,
+            grpc.aio.insecure_channel(first.grpc_target) as channel,
+        ):
+            identity = identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+            delivery = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+            user_ids = await _users(identity, app, total)
+            broadcast_id = await _broadcast(delivery, app, sink, user_ids)
+            done = await _until_settled(delivery, app, broadcast_id, total)
+        assert (done.sent_count, done.failed_count) == (total, 0)
+        assert sink.count == total
+        assert len(sink.keys) == total
+        assert sink.duplicates == 0
+        by_first, by_second = await _sent_by(first), await _sent_by(second)
+        assert by_first + by_second == total
+        assert by_first > 0, (by_first, by_second)
+        assert by_second > 0, (by_first, by_second)
+
+
+async def test_a_worker_killed_mid_batch_never_sends_a_key_twice(
+    identity_service: ServiceProcess, worker_db: str, app: TestApp
+) -> None:
+    total = 300
+    # Slow answers keep a chunk of calls in flight when the worker dies.
+    env = {"TIDINGS_SEND_CONCURRENCY": "40", "TIDINGS_STUCK_AFTER_SECONDS": "4"}
+    async with AsyncExitStack() as stack, Sink(keep=False, delay=2.0) as sink:
+        [doomed] = await _workers(stack, identity_service.grpc_target, worker_db, 1, **env)
+        async with (
+            grpc.aio.insecure_channel(identity_service.grpc_target) as identity_channel,
+            grpc.aio.insecure_channel(doomed.grpc_target) as channel,
+        ):
+            identity = identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+            delivery = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+            user_ids = await _users(identity, app, total)
+            broadcast_id = await _broadcast(delivery, app, sink, user_ids)
+            await sink.wait_for(1, within=60)
+            await asyncio.sleep(0.3)  # its chunk of calls is in flight: SIGKILL now
+            doomed.process.send_signal(signal.SIGKILL)
+            await doomed.process.wait()
+            called_before = sink.count
+        # A new worker takes over the uncommitted records (redelivered by Kafka).
+        [heir] = await _workers(stack, identity_service.grpc_target, worker_db, 1, **env)
+        async with grpc.aio.insecure_channel(heir.grpc_target) as channel:
+            delivery = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+            done = await _until_settled(delivery, app, broadcast_id, total, within=120)
+        conn = await asyncpg.connect(worker_db)
+        try:
+            rows = await conn.fetch("SELECT state, count(*) AS n FROM messages GROUP BY state")
+            states = {row["state"]: row["n"] for row in rows}
+            unknown = await conn.fetchval(
+                "SELECT count(*) FROM message_events WHERE reason = 'OUTCOME_UNKNOWN'"
+            )
+        finally:
+            await conn.close()
+    assert 0 < called_before < total
+    assert sink.duplicates == 0, f"{sink.duplicates} keys got a second provider call"
+    assert states.get("sending", 0) == 0
+    assert done.sent_count + done.failed_count == total
+    # The calls in flight at the kill are settled as OUTCOME_UNKNOWN, never made again; every
+    # other message was sent by the heir.
+    assert unknown > 0
+    assert done.failed_count == unknown
+    assert len(sink.keys) == total
+    assert done.sent_count == total - unknown
