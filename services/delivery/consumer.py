@@ -11,17 +11,13 @@ offsets for the group; later ones find them committed.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from datetime import timedelta
 
 from services.delivery.worker import Worker
 from services.runtime.app import ServiceContext
-from services.runtime.kafka import DELIVERY_REQUESTS, BatchConsumer
+from services.runtime.kafka import DELIVERY_REQUESTS, BatchConsumer, start_new_group_at
 
-__all__ = ["group_id", "run_worker", "start_group_at"]
+__all__ = ["group_id", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +32,6 @@ async def group_id(ctx: ServiceContext) -> str:
     return f"{CONSUMER}.{instance}"
 
 
-async def start_group_at(bootstrap: str, topic: str, group: str, since: datetime) -> None:
-    """Commit, for a group that has no offsets yet, the first offsets at or after ``since``."""
-    # A consumer knows the partitions of assigned topics only: ask an admin client.
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="delivery-worker-setup")
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    tps = [TopicPartition(topic, int(p["partition"])) for p in described.get("partitions", [])]
-    if not tps:
-        return
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        for tp in tps:
-            if await consumer.committed(tp) is not None:
-                return  # initialised already (an earlier start, or another replica)
-        found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
-        ends = await consumer.end_offsets(tps)
-        offsets = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-        try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:  # a live member joined meanwhile: it has positions already
-            log.warning("could not set the start offsets of %s: %r", group, exc)
-        else:
-            log.info("consumer group %s starts at %s", group, since.isoformat())
-    finally:
-        await consumer.stop()
-
-
 async def run_worker(ctx: ServiceContext, worker: Worker) -> None:
     """Background task: consume ``delivery.requests`` until cancelled.
 
@@ -82,7 +44,7 @@ async def run_worker(ctx: ServiceContext, worker: Worker) -> None:
         "SELECT min(applied_at) FROM schema_migrations WHERE component = 'delivery'"
     )
     if created is not None:
-        await start_group_at(
+        await start_new_group_at(
             ctx.settings.kafka_bootstrap, DELIVERY_REQUESTS.name, group, created - _SLACK
         )
     settings = ctx.settings

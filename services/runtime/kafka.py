@@ -35,13 +35,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import google.protobuf.message
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, for_code
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, for_code
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 from google.protobuf import timestamp_pb2
@@ -75,6 +76,7 @@ __all__ = [
     "create_missing_topics",
     "ensure_topics",
     "kafka_reachable",
+    "start_new_group_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -255,6 +257,60 @@ def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
         name, code, *rest = entry
         result.append((str(name), int(code), rest[0] if rest else None))
     return result
+
+
+async def start_new_group_at(
+    bootstrap: str, topic: str, group_id: str, since: datetime | None
+) -> None:
+    """Give the partitions a consumer group has no offsets for a start at ``since``.
+
+    Every database of a service has its own group on a shared topic (a deployment, a test
+    database); a brand-new group starting at the topic's beginning would re-read the whole
+    retention of records that cannot be for it. So its uncommitted partitions start at the
+    first records at or after ``since`` (the caller's "nothing for me before this"), or at the
+    end when ``since`` is None. Partitions with committed offsets are left alone.
+
+    Not fatal: if the commit is refused (another replica's member joined meanwhile, and it has
+    positions) or the broker hiccups, the group keeps Kafka's default start, merely slower.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    try:
+        await consumer.start()
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            await admin.start()
+            (described,) = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = [TopicPartition(topic, int(p["partition"])) for p in described["partitions"]]
+        uncommitted = [tp for tp in partitions if await consumer.committed(tp) is None]
+        if not uncommitted:
+            return
+        consumer.assign(uncommitted)
+        # End offsets first: a record for this group produced after ``since`` is either found by
+        # the time lookup or lies past these ends.
+        offsets = await consumer.end_offsets(uncommitted)
+        if since is not None:
+            found = await consumer.offsets_for_times(
+                {tp: int(since.timestamp() * 1000) for tp in uncommitted}
+            )
+            offsets = {
+                tp: found[tp].offset if found.get(tp) is not None else end
+                for tp, end in offsets.items()
+            }
+        await consumer.commit(offsets)
+        log.info(
+            "consumer group %s starts at %s",
+            group_id,
+            since.isoformat() if since is not None else "the end of the topic",
+        )
+    except KafkaError as exc:
+        log.warning("could not set the start offsets of %s: %r", group_id, exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
 
 
 class KafkaProbe:

@@ -1,4 +1,4 @@
-"""Where a new worker group starts: at the records written since its database was created, not
+"""Where a new consumer group starts: at the records written since its database was created, not
 at the beginning of a shared topic's retention; and never moved once it has offsets."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from services.delivery.consumer import start_group_at
+from services.runtime.kafka import start_new_group_at
 from tests.conftest import KAFKA_BOOTSTRAP
 
 
@@ -38,8 +38,8 @@ async def test_a_new_group_starts_after_the_given_time(scratch_topic: str) -> No
     finally:
         await producer.stop()
     group = f"test-group-{uuid.uuid4().hex[:8]}"
-    await start_group_at(KAFKA_BOOTSTRAP, scratch_topic, group, created)
+    await start_new_group_at(KAFKA_BOOTSTRAP, scratch_topic, group, created)
     assert await _committed(scratch_topic, group) == [2, 1, 0]
     # A group with offsets keeps them.
-    await start_group_at(KAFKA_BOOTSTRAP, scratch_topic, group, created - timedelta(days=1))
+    await start_new_group_at(KAFKA_BOOTSTRAP, scratch_topic, group, created - timedelta(days=1))
     assert await _committed(scratch_topic, group) == [2, 1, 0]
