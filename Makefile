@@ -51,3 +51,6 @@ bench: protos stack ## run the benchmarks and write bench/results.json (SIZE=tin
 
 migrate: protos stack ## apply every service's migrations (services also do it at start-up)
 	@for svc in $(SERVICES); do TIDINGS_LOG_FORMAT=$${TIDINGS_LOG_FORMAT:-text} $(PY) -m services.$$svc migrate; done
+
+import-users: protos ## import users from a CSV file (ARGS="file.csv --id-column id --column email=email ...")
+	@$(PY) -m services.cli.import_users $(ARGS)

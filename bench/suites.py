@@ -13,6 +13,9 @@ SUITES: tuple[str, ...] = (
     "bench.ceiling.timers",
     "bench.ceiling.kafka",
     "bench.identity",
+    "bench.delivery",
+    "bench.identity_import",
+    "bench.identity_segments",
 )
 
 

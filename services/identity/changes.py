@@ -4,6 +4,9 @@ Every write that changes a profile or a subscription calls :func:`publish` with 
 made, in its own transaction: one statement per call however many users a batch touched, so
 batch writes never pay an outbox round trip per user. The relay puts them on
 ``identity.changes`` keyed by user id.
+
+The same call queues the users concerned for segment re-evaluation (one more statement), so a
+change that can move a user into or out of a segment is never committed without its mark.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
+from services.identity import segments_store
 from services.runtime.db import DBConnection
 from services.runtime.kafka import IDENTITY_CHANGES
 from services.runtime.outbox import enqueue_many
@@ -56,6 +60,26 @@ def change(
 
 
 async def publish(conn: DBConnection, changes: Sequence[IdentityChange]) -> None:
-    """Write ``changes`` to the outbox inside the caller's transaction (one statement)."""
+    """Write ``changes`` to the outbox inside the caller's transaction (one statement), and
+    queue their users for segment re-evaluation (one more)."""
     if changes:
         await enqueue_many(conn, IDENTITY_CHANGES, [(c.user_id, c) for c in changes])
+        await segments_store.mark_dirty(conn, _touched_users(changes))
+
+
+#: Facts about segment membership itself: the maintainer publishes them, re-marking their
+#: users would loop.
+_SEGMENT_KINDS = frozenset({Kind.KIND_SEGMENT_ENTERED, Kind.KIND_SEGMENT_EXITED})
+
+
+def _touched_users(changes: Sequence[IdentityChange]) -> list[tuple[str, str]]:
+    """The users whose segments a batch of facts may change: each fact's user, and a merged
+    profile (gone now: its memberships are purged)."""
+    touched = []
+    for fact in changes:
+        if fact.kind in _SEGMENT_KINDS:
+            continue
+        touched.append((fact.app_id, fact.user_id))
+        if fact.merged_user_id:
+            touched.append((fact.app_id, fact.merged_user_id))
+    return touched

@@ -12,7 +12,8 @@ batch (up to :data:`MAX_BATCH` records):
    processes and benchmarks share the topic) and users erased since — and events of a profile
    that Login merged away follow it into the profile it was merged into;
 4. the rest are inserted, deduplicated by ``(app_id, event_id)`` through ``event_ids``, so a
-   retried TrackEvents batch or a redelivered record stores nothing twice.
+   retried TrackEvents batch or a redelivered record stores nothing twice; their users are
+   queued for segment re-evaluation in the same transaction.
 
 Offsets are committed by :class:`~services.runtime.kafka.BatchConsumer` only after the handler
 returned, i.e. after the transaction committed.
@@ -29,7 +30,6 @@ millions of them (benchmarks), which a new test database would otherwise wade th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 import weakref
@@ -37,17 +37,14 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 from tidings.events.v1.tracked_event_pb2 import TrackedEvent
 
-from services.identity import events_store
+from services.identity import events_store, segments_store
 from services.identity.events import properties_json
 from services.identity.events_store import NewEvent
 from services.runtime.app import Clock, ServiceContext
-from services.runtime.kafka import IDENTITY_EVENTS, BatchConsumer, Record
+from services.runtime.kafka import IDENTITY_EVENTS, BatchConsumer, Record, start_new_group_at
 from services.runtime.metrics import Metrics
 
 __all__ = ["GROUP_PREFIX", "MAX_BATCH", "EventStorer", "group_id_for", "run_events_consumer"]
@@ -151,6 +148,9 @@ class EventStorer:
                     )
                 kept.append(event)
             stored = await events_store.insert_events(conn, kept)
+            if stored:
+                # Event conditions of segments may now hold (or not) for these users.
+                await segments_store.mark_dirty(conn, {(e.app_id, e.user_id) for e in kept})
         self._count_dropped("unknown_user", len(events) - len(kept))
         self._count_dropped("duplicate", len(kept) - stored)
         if self._stored is not None:
@@ -284,66 +284,14 @@ async def _current_owners(
     return owners
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="identity-events-offsets")
-    try:
-        await admin.start()
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return sorted(int(partition["partition"]) for partition in described["partitions"])
+async def start_time(pool: asyncpg.Pool, now: datetime) -> datetime:
+    """Where a new consumer group of this database starts reading a shared topic.
 
-
-async def _start_offsets(ctx: ServiceContext, group_id: str) -> None:
-    """Give a group without committed offsets a start that skips records of other databases.
-
-    Partitions with committed offsets are left alone. For the others: the topic's end if this
-    database has no app yet, else the records from shortly before its oldest app was created.
-    The end offsets are read *before* looking for apps: an event of this database is produced
-    after its app exists, so if no app existed after the read, every such event lies past it.
-    If another replica's member is in the group already, the commit is refused; that member
-    has (or sets) the offsets then.
+    Records for this database's apps cannot predate its oldest app; without an app yet, none
+    predate now. A margin covers clock skew between the database and the producers.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.settings.kafka_bootstrap,
-        group_id=group_id,
-        client_id=f"{ctx.settings.service_name}-events-offsets",
-        enable_auto_commit=False,
-    )
-    try:
-        await consumer.start()
-        topic_partitions = [
-            TopicPartition(IDENTITY_EVENTS.name, p)
-            for p in await _partitions(ctx.settings.kafka_bootstrap, IDENTITY_EVENTS.name)
-        ]
-        uncommitted = [tp for tp in topic_partitions if await consumer.committed(tp) is None]
-        if not uncommitted:
-            return
-        consumer.assign(uncommitted)
-        offsets = await consumer.end_offsets(uncommitted)
-        async with ctx.pool.acquire() as conn:
-            oldest: datetime | None = await conn.fetchval("SELECT min(create_time) FROM apps")
-        if oldest is not None:
-            start = oldest - _START_MARGIN
-            found = await consumer.offsets_for_times(
-                {tp: int(start.timestamp() * 1000) for tp in uncommitted}
-            )
-            offsets = {
-                tp: found[tp].offset if found.get(tp) is not None else end
-                for tp, end in offsets.items()
-            }
-        await consumer.commit(offsets)
-        log.info(
-            "consumer group %s starts at %s",
-            group_id,
-            f"records since {start.isoformat()}" if oldest is not None else "the end of the topic",
-        )
-    except KafkaError as exc:
-        # Not fatal: the group then starts at the earliest offsets, which is merely slower.
-        log.warning("could not set start offsets of %s: %r", group_id, exc)
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+    oldest: datetime | None = await pool.fetchval("SELECT min(create_time) FROM apps")
+    return (oldest or now) - _START_MARGIN
 
 
 # Per process (Metrics object): the runtime restarts a failed background task, and a registry
@@ -385,7 +333,12 @@ async def run_events_consumer(ctx: ServiceContext) -> None:
     stored, dropped = _counters(ctx.metrics)
     storer = EventStorer(ctx.pool, clock=ctx.clock, stored=stored, dropped=dropped)
     await storer.prepare()
-    await _start_offsets(ctx, group_id)
+    await start_new_group_at(
+        ctx.settings.kafka_bootstrap,
+        IDENTITY_EVENTS.name,
+        group_id,
+        await start_time(ctx.pool, ctx.clock()),
+    )
     consumer = BatchConsumer(
         ctx.settings.kafka_bootstrap,
         IDENTITY_EVENTS,

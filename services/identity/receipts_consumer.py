@@ -29,10 +29,11 @@ from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 
 from services.identity import changes
 from services.identity import subscriptions_store as store
+from services.identity.events_consumer import start_time
 from services.identity.subscriptions import subscription_fact
 from services.runtime.app import ServiceContext
 from services.runtime.inbox import claim_new
-from services.runtime.kafka import DELIVERY_RECEIPTS, BatchConsumer, Record
+from services.runtime.kafka import DELIVERY_RECEIPTS, BatchConsumer, Record, start_new_group_at
 
 __all__ = ["CONSUMER", "apply_receipts", "dead_tokens", "group_id", "run_receipts_consumer"]
 
@@ -132,11 +133,15 @@ async def run_receipts_consumer(ctx: ServiceContext) -> None:
                 extra={"subscriptions": [str(s.subscription_id) for s in disabled]},
             )
 
+    group = await group_id(pool)
+    await start_new_group_at(
+        ctx.settings.kafka_bootstrap, DELIVERY_RECEIPTS.name, group, await start_time(pool, clock())
+    )
     consumer = BatchConsumer(
         ctx.settings.kafka_bootstrap,
         DELIVERY_RECEIPTS,
         handle,
-        group_id=await group_id(pool),
+        group_id=group,
         service="identity",
         client_id="identity-receipts",
     )

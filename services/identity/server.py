@@ -22,9 +22,11 @@ from services.identity.api_key_auth import ApiKeyAuthenticator
 from services.identity.apps_server import AppsServicer
 from services.identity.events_consumer import run_events_consumer
 from services.identity.events_server import EventsRpcs
+from services.identity.imports import run_orphan_checks
 from services.identity.imports_server import ImportsRpcs
 from services.identity.key_cache import KeyCache
 from services.identity.receipts_consumer import run_receipts_consumer
+from services.identity.segment_maintainer import run_segment_maintainer
 from services.identity.segments_server import SegmentsRpcs
 from services.identity.settings import IdentitySettings
 from services.identity.subscriptions_server import SubscriptionsRpcs
@@ -69,5 +71,11 @@ def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
         migrations_dir=MIGRATIONS_DIR,
         register=functools.partial(register, keys=keys),
         authenticator=lambda ctx: ApiKeyAuthenticator(ctx, keys),
-        background=[run_events_consumer, run_receipts_consumer, keys.listen],
+        background=[
+            run_events_consumer,
+            run_receipts_consumer,
+            keys.listen,
+            run_orphan_checks,
+            run_segment_maintainer,
+        ],
     )

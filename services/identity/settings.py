@@ -12,3 +12,10 @@ class IdentitySettings(ServiceSettings):
     grpc_port: int = 50051
     metrics_port: int = 9101
     database_url: str = default_database_url("tidings_identity")
+    #: Seconds between re-checks of time-relative segments ("in the last 7 days", birthdays),
+    #: so users also leave them as time passes (docs/segments.md).
+    segment_refresh_seconds: float = 60.0
+    #: Most dirty users the segment maintainer re-evaluates per transaction.
+    segment_batch_size: int = 500
+    #: Seconds the segment maintainer waits for a NOTIFY before looking anyway.
+    segment_poll_seconds: float = 1.0

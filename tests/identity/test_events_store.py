@@ -9,7 +9,6 @@ of the domain module, and the plan of the per-user count the segment engine will
 from __future__ import annotations
 
 import json
-import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -27,14 +26,12 @@ from services.identity import events, events_consumer, events_store
 from services.identity.events_consumer import EventStorer
 from services.identity.events_store import NewEvent
 from services.identity.server import MIGRATIONS_DIR
-from services.identity.settings import IdentitySettings
-from services.runtime.app import ServiceContext
 from services.runtime.db import create_pool
 from services.runtime.errors import InvalidArgument, PermissionDenied
-from services.runtime.kafka import IDENTITY_EVENTS, Producer, Record
+from services.runtime.kafka import IDENTITY_EVENTS, Record
 from services.runtime.metrics import Metrics
 from services.runtime.migrations import migrate, sources_for
-from tests.conftest import KAFKA_BOOTSTRAP, unique_name
+from tests.conftest import KAFKA_BOOTSTRAP
 from tests.runtime.kafka_helpers import partitions_of
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
@@ -400,43 +397,17 @@ async def end_offsets() -> dict[int, int]:
         await consumer.stop()
 
 
-async def test_a_new_group_skips_what_was_produced_before_its_apps(
-    pool: asyncpg.Pool, scratch_db: str
+async def test_a_new_group_starts_where_records_for_this_database_can_begin(
+    pool: asyncpg.Pool,
 ) -> None:
-    # Records another database put on the shared topic before this one had any app.
-    async with Producer(KAFKA_BOOTSTRAP, client_id="test-offsets") as producer:
-        await producer.send_many(
-            IDENTITY_EVENTS,
-            [(str(uuid.uuid4()), record("elsewhere", uuid.uuid4(), event_id="x").value)] * 20,
-        )
-    ctx = ServiceContext(
-        settings=IdentitySettings(database_url=scratch_db, kafka_bootstrap=KAFKA_BOOTSTRAP),
-        log=logging.getLogger("test"),
-        metrics=Metrics(),
-        _pool=pool,
-    )
-    # No app yet: the group starts at the end of the topic.
-    before = await end_offsets()
-    empty_group = unique_name("g")
-    await events_consumer._start_offsets(ctx, empty_group)
-    started = await committed_offsets(empty_group)
-    assert {p: o for p, o in started.items() if o is not None and o >= before[p]} == started
-
-    # With an app: from shortly before it was created, so nothing produced for it is skipped.
+    # Records for this database's apps cannot predate its oldest app (nor, without an app, now);
+    # a margin covers clock skew. runtime's start_new_group_at turns that time into offsets.
+    now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    margin = events_consumer._START_MARGIN
+    assert await events_consumer.start_time(pool, now) == now - margin
     await add_app(pool, "app")
-    produced_from = await end_offsets()
-    async with Producer(KAFKA_BOOTSTRAP, client_id="test-offsets") as producer:
-        await producer.send_many(
-            IDENTITY_EVENTS,
-            [(str(p), record("app", uuid.uuid4(), event_id=f"e{p}").value) for p in range(50)],
-        )
-    group = unique_name("g")
-    await events_consumer._start_offsets(ctx, group)
-    started = await committed_offsets(group)
-    assert {p: o for p, o in started.items() if o is not None and o <= produced_from[p]} == started
-    # Committed offsets are kept: a second start changes nothing.
-    await events_consumer._start_offsets(ctx, group)
-    assert await committed_offsets(group) == started
+    created = await pool.fetchval("SELECT create_time FROM apps WHERE app_id = 'app'")
+    assert await events_consumer.start_time(pool, now) == created - margin
 
 
 def test_a_restarted_consumer_reuses_its_metrics() -> None:

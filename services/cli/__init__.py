@@ -1,0 +1,1 @@
+"""Command-line tools that talk to a running Tidings deployment over its public gRPC API."""

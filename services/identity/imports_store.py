@@ -1,0 +1,1097 @@
+"""SQL for imports: ``import_jobs``, ``import_rejections``, the staging table and the merge.
+
+An import runs on a connection of its own (:func:`connect`), which holds the job's advisory lock
+(:func:`try_lock`) and the session's temporary tables: ``import_staging`` (the checked rows,
+filled by ``COPY``) and, inside the merge transaction, ``import_plan`` (one row per staged row:
+which user it names, the new values, what changed, or why it is refused), ``import_subs``
+(subscriptions to create or move) and ``import_members``.
+
+The merge is a fixed sequence of set-based statements, whatever the number of rows: no
+statement per row, no row sent back to Python. Change facts are encoded as protobuf in SQL
+(``pb_string`` and friends, migration 0007) and inserted into the outbox by ``INSERT ...
+SELECT``. Statements are generated from the import's :class:`StagingLayout`; identifiers in
+them are ours (``a3``, ``first_name``) or attribute names already checked against
+``ATTRIBUTE_NAME_PATTERN``; every value from the file or the caller is a parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from tidings.events.v1.identity_change_pb2 import IdentityChange
+
+from services.identity.fields import ATTRIBUTE_NAME_PATTERN, CustomerField, FieldType
+from services.identity.import_options import IdKind, Mode
+from services.identity.import_rows import Rejection, StagedRow, StagingColumn, StagingLayout
+from services.identity.subscriptions import MAX_SUBSCRIPTIONS_PER_USER
+from services.identity.users import MAX_ATTRIBUTES
+from services.runtime.db import DBConnection
+from services.runtime.kafka import IDENTITY_CHANGES
+
+__all__ = [
+    "STAGING",
+    "ColumnVerdict",
+    "ImportJob",
+    "MergeCounts",
+    "MergePlan",
+    "attribute_columns_used",
+    "connect",
+    "copy_rejections",
+    "copy_staging",
+    "create_job",
+    "create_members_table",
+    "create_staging",
+    "drop_staging",
+    "fail_job",
+    "fail_orphaned",
+    "finish_job",
+    "get_job",
+    "insert_auto_fields",
+    "list_jobs",
+    "lock_existing_users",
+    "merge",
+    "record_progress",
+    "rejections",
+    "running_jobs",
+    "set_applying",
+    "try_lock",
+    "unlock",
+]
+
+#: The session's staging table (one import per connection).
+STAGING = "import_staging"
+
+_PUSH = "('ios_push', 'android_push', 'web_push')"
+
+
+@dataclass(slots=True)
+class ImportJob:
+    """An ``import_jobs`` row.
+
+    Attributes:
+        options: The ImportOptions as their protobuf JSON mapping.
+        state: ``receiving``, ``applying``, ``succeeded`` or ``failed``.
+    """
+
+    app_id: str
+    import_id: str
+    options: dict[str, Any]
+    state: str
+    bytes_received: int
+    rows: int
+    created: int
+    updated: int
+    unchanged: int
+    rejected: int
+    flagged_cells: int
+    error: str
+    segment_id: str
+    create_time: datetime
+    finish_time: datetime | None
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    # The same JSON codecs as the service's pool (services.runtime.db), so store functions of
+    # other modules (segments) behave the same on this connection.
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, schema="pg_catalog", encoder=json.dumps, decoder=json.loads, format="text"
+        )
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A connection of the import's own, outside the pool (it is held for the whole upload).
+
+    Its server process checks every second that the client is still there, so the merge of an
+    import whose process died stops (and releases the job's lock) at once rather than running
+    to its end first.
+    """
+    conn = await asyncpg.connect(dsn, server_settings={"client_connection_check_interval": "1000"})
+    await _init(conn)
+    return conn
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+_JOB_COLUMNS = """
+app_id, import_id, options, state, bytes_received, rows, created, updated, unchanged, rejected,
+flagged_cells, error, segment_id, create_time, finish_time
+"""
+
+
+def _job(row: asyncpg.Record) -> ImportJob:
+    return ImportJob(**{key: row[key] for key in row.keys()})  # noqa: SIM118
+
+
+async def try_lock(conn: DBConnection, key: int) -> bool:
+    """Take the session advisory lock ``key``; False if another session holds it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+
+
+async def unlock(conn: DBConnection, key: int) -> None:
+    """Release the session advisory lock ``key``."""
+    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+
+async def create_job(
+    conn: DBConnection,
+    app_id: str,
+    import_id: str,
+    options: dict[str, Any],
+    lock_key: int,
+    at: datetime,
+) -> bool:
+    """Record a new job, RECEIVING; False if the app has a job of that id already."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO import_jobs (app_id, import_id, options, state, lock_key, create_time)
+        VALUES ($1, $2, $3, 'receiving', $4, $5)
+        ON CONFLICT DO NOTHING
+        RETURNING true
+        """,
+        app_id,
+        import_id,
+        options,
+        lock_key,
+        at,
+    )
+    return bool(inserted)
+
+
+async def record_progress(
+    conn: DBConnection,
+    app_id: str,
+    import_id: str,
+    *,
+    bytes_received: int,
+    rows: int,
+    rejected: int,
+    flagged_cells: int,
+) -> None:
+    """Update a receiving job's counters (what GetImportJob shows while it runs)."""
+    await conn.execute(
+        """
+        UPDATE import_jobs
+        SET bytes_received = $3, rows = $4, rejected = $5, flagged_cells = $6
+        WHERE app_id = $1 AND import_id = $2 AND state = 'receiving'
+        """,
+        app_id,
+        import_id,
+        bytes_received,
+        rows,
+        rejected,
+        flagged_cells,
+    )
+
+
+async def set_applying(conn: DBConnection, app_id: str, import_id: str) -> None:
+    """The file is in: the job goes APPLYING."""
+    await conn.execute(
+        "UPDATE import_jobs SET state = 'applying' WHERE app_id = $1 AND import_id = $2",
+        app_id,
+        import_id,
+    )
+
+
+async def fail_job(
+    conn: DBConnection, app_id: str, import_id: str, error: str, at: datetime
+) -> None:
+    """Mark a running job FAILED (a finished one stays as it is)."""
+    await conn.execute(
+        """
+        UPDATE import_jobs SET state = 'failed', error = $3, finish_time = $4
+        WHERE app_id = $1 AND import_id = $2 AND state IN ('receiving', 'applying')
+        """,
+        app_id,
+        import_id,
+        error,
+        at,
+    )
+
+
+async def finish_job(
+    conn: DBConnection,
+    app_id: str,
+    import_id: str,
+    *,
+    counts: MergeCounts,
+    bytes_received: int,
+    rows: int,
+    flagged_cells: int,
+    segment_id: str,
+    at: datetime,
+) -> None:
+    """Mark a job SUCCEEDED with its final counts (in the merge's transaction)."""
+    await conn.execute(
+        """
+        UPDATE import_jobs
+        SET state = 'succeeded', bytes_received = $3, rows = $4, created = $5, updated = $6,
+            unchanged = $7, rejected = $8, flagged_cells = $9, segment_id = $10,
+            finish_time = $11
+        WHERE app_id = $1 AND import_id = $2
+        """,
+        app_id,
+        import_id,
+        bytes_received,
+        rows,
+        counts.created,
+        counts.updated,
+        counts.unchanged,
+        counts.rejected,
+        flagged_cells,
+        segment_id,
+        at,
+    )
+
+
+async def get_job(
+    conn: DBConnection, app_id: str, import_id: str, *, with_rejections: int = 0
+) -> ImportJob | None:
+    """A job of the app, with its first ``with_rejections`` rejected rows."""
+    row = await conn.fetchrow(
+        f"SELECT {_JOB_COLUMNS} FROM import_jobs WHERE app_id = $1 AND import_id = $2",
+        app_id,
+        import_id,
+    )
+    if row is None:
+        return None
+    job = _job(row)
+    if with_rejections:
+        job.rejections = await rejections(
+            conn, app_id, import_id, after_line=0, limit=with_rejections
+        )
+    return job
+
+
+async def list_jobs(
+    conn: DBConnection, app_id: str, *, after: tuple[datetime, str] | None, limit: int
+) -> list[ImportJob]:
+    """A page of an app's jobs, newest first, after ``(create_time, import_id)``."""
+    after_time, after_id = after if after is not None else (None, None)
+    rows = await conn.fetch(
+        f"""
+        SELECT {_JOB_COLUMNS} FROM import_jobs
+        WHERE app_id = $1 AND ($2::timestamptz IS NULL OR (create_time, import_id) < ($2, $3))
+        ORDER BY create_time DESC, import_id DESC
+        LIMIT $4
+        """,
+        app_id,
+        after_time,
+        after_id,
+        limit,
+    )
+    return [_job(row) for row in rows]
+
+
+async def rejections(
+    conn: DBConnection, app_id: str, import_id: str, *, after_line: int, limit: int
+) -> list[Rejection]:
+    """A job's rejected rows in line order, after line ``after_line``."""
+    rows = await conn.fetch(
+        """
+        SELECT line, column_name, reason, message FROM import_rejections
+        WHERE app_id = $1 AND import_id = $2 AND line > $3
+        ORDER BY line
+        LIMIT $4
+        """,
+        app_id,
+        import_id,
+        after_line,
+        limit,
+    )
+    return [
+        Rejection(row["line"], row["column_name"], row["reason"], row["message"]) for row in rows
+    ]
+
+
+async def running_jobs(conn: DBConnection) -> list[tuple[str, str, int]]:
+    """``(app_id, import_id, lock_key)`` of every job still receiving or applying."""
+    rows = await conn.fetch(
+        """
+        SELECT app_id, import_id, lock_key FROM import_jobs
+        WHERE state IN ('receiving', 'applying')
+        """
+    )
+    return [(row["app_id"], row["import_id"], row["lock_key"]) for row in rows]
+
+
+async def fail_orphaned(
+    conn: DBConnection, app_id: str, import_id: str, lock_key: int, error: str, at: datetime
+) -> bool:
+    """Mark a running job FAILED if no session holds its lock; True if it was.
+
+    The lock is taken (and released) on ``conn`` for the check, so a job whose process is
+    alive, or that starts right now, is never touched.
+    """
+    if not await try_lock(conn, lock_key):
+        return False
+    try:
+        status = await conn.execute(
+            """
+            UPDATE import_jobs SET state = 'failed', error = $4, finish_time = $5
+            WHERE app_id = $1 AND import_id = $2 AND lock_key = $3
+              AND state IN ('receiving', 'applying')
+            """,
+            app_id,
+            import_id,
+            lock_key,
+            error,
+            at,
+        )
+    finally:
+        await unlock(conn, lock_key)
+    return status.endswith(" 1")
+
+
+async def copy_rejections(
+    conn: DBConnection, app_id: str, import_id: str, refused: Sequence[Rejection]
+) -> None:
+    """Store rejected rows (one ``COPY``)."""
+    if refused:
+        await conn.copy_records_to_table(
+            "import_rejections",
+            records=[(app_id, import_id, r.line, r.column, r.reason, r.message) for r in refused],
+            columns=["app_id", "import_id", "line", "column_name", "reason", "message"],
+        )
+
+
+# -- staging -------------------------------------------------------------------------------------
+
+
+async def create_staging(conn: DBConnection, layout: StagingLayout) -> None:
+    """Create the session's staging table for ``layout`` (gone with the session)."""
+    columns = ", ".join(f"{c.name} {c.sql_type}" for c in layout.columns)
+    await conn.execute(f"DROP TABLE IF EXISTS {STAGING}; CREATE TEMP TABLE {STAGING} ({columns})")
+
+
+async def copy_staging(
+    conn: DBConnection, layout: StagingLayout, rows: Sequence[StagedRow]
+) -> None:
+    """Append checked rows to the staging table (one ``COPY``)."""
+    if rows:
+        await conn.copy_records_to_table(STAGING, records=rows, columns=layout.names)
+
+
+async def drop_staging(conn: DBConnection) -> None:
+    """Drop the staging table."""
+    await conn.execute(f"DROP TABLE IF EXISTS {STAGING}")
+
+
+async def attribute_columns_used(conn: DBConnection, layout: StagingLayout) -> set[str]:
+    """Names of the staging's attribute columns that hold at least one value."""
+    columns = [c for c in layout.attributes]
+    if not columns:
+        return set()
+    checks = ", ".join(f"bool_or({c.name} IS NOT NULL) AS {c.name}" for c in columns)
+    row = await conn.fetchrow(f"SELECT {checks} FROM {STAGING} WHERE ok")
+    return {c.name for c in columns if row is not None and row[c.name]}
+
+
+async def insert_auto_fields(
+    conn: DBConnection, app_id: str, fields: Sequence[CustomerField], at: datetime
+) -> None:
+    """Define fields automatically; a name defined meanwhile keeps its definition."""
+    if fields:
+        await conn.execute(
+            """
+            INSERT INTO customer_fields (app_id, name, type, auto_defined, create_time)
+            SELECT $1, name, type, true, $4 FROM unnest($2::text[], $3::text[]) AS f(name, type)
+            ON CONFLICT DO NOTHING
+            """,
+            app_id,
+            [f.name for f in fields],
+            [f.type.value for f in fields],
+            at,
+        )
+
+
+# -- the merge -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnVerdict:
+    """Why an attribute column's values cannot be written: its customer field's type differs,
+    or it is undefined and the app refuses undefined fields."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """What the merge needs to know besides the staged rows.
+
+    Attributes:
+        app_id: The app.
+        import_id: The job.
+        layout: The staging table's columns.
+        id_kind: How the key names users.
+        alias_label: The label, for alias keys.
+        mode: Which rows may create / update.
+        clear: Whether empty cells clear.
+        verdicts: Attribute columns (by staging name) whose values are refused.
+        id_prefix: 24 hex digits; a created user's id is these and its line in 8 more (a
+            time-ordered UUIDv7 per import, so a million inserts append to the index).
+        at: The time of the import.
+    """
+
+    app_id: str
+    import_id: str
+    layout: StagingLayout
+    id_kind: IdKind
+    alias_label: str
+    mode: Mode
+    clear: bool
+    verdicts: dict[str, ColumnVerdict]
+    id_prefix: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MergeCounts:
+    """Outcome of the staged rows (rows refused while reading are not among them)."""
+
+    created: int
+    updated: int
+    unchanged: int
+    rejected: int
+
+
+class MergeConflict(Exception):
+    """A concurrent write won a race on one of the import's keys: run the merge again."""
+
+
+class _Params:
+    """Positional parameters of a generated statement."""
+
+    def __init__(self, *initial: object) -> None:
+        self.values: list[object] = list(initial)
+
+    def add(self, value: object, cast: str = "text") -> str:
+        self.values.append(value)
+        return f"${len(self.values)}::{cast}"
+
+
+def _literal(name: str) -> str:
+    # Attribute names are lowercase letters, digits and '_' (checked with the options).
+    assert ATTRIBUTE_NAME_PATTERN.fullmatch(name), name
+    return f"'{name}'"
+
+
+def _lookup(plan: MergePlan, params: _Params) -> str:
+    """FROM/JOIN clause binding ``u`` to the user each first-of-its-key staged row names."""
+    first = "r.ok AND r.n = 1"
+    if plan.id_kind is IdKind.EXTERNAL_ID:
+        return f"LEFT JOIN users u ON {first} AND u.app_id = $1 AND u.external_id = r.key"
+    if plan.id_kind is IdKind.USER_ID:
+        return f"LEFT JOIN users u ON {first} AND u.app_id = $1 AND u.user_id = r.key::uuid"
+    label = params.add(plan.alias_label)
+    return f"""
+        LEFT JOIN user_aliases a ON {first} AND a.app_id = $1 AND a.label = {label}
+            AND a.value = r.key
+        LEFT JOIN users u ON u.app_id = $1 AND u.user_id = a.user_id
+    """
+
+
+async def lock_existing_users(conn: DBConnection, plan: MergePlan) -> None:
+    """Lock (``FOR UPDATE``, in id order) every user a staged row names, so the plan reads
+    values nobody changes before the merge commits."""
+    params = _Params(plan.app_id)
+    if plan.id_kind is IdKind.EXTERNAL_ID:
+        which = f"u.external_id IN (SELECT key FROM {STAGING} WHERE ok)"
+    elif plan.id_kind is IdKind.USER_ID:
+        which = f"u.user_id IN (SELECT key::uuid FROM {STAGING} WHERE ok)"
+    else:
+        label = params.add(plan.alias_label)
+        which = f"""u.user_id IN (
+            SELECT a.user_id FROM user_aliases a JOIN {STAGING} s
+            ON a.app_id = $1 AND a.label = {label} AND a.value = s.key WHERE s.ok)"""
+    await conn.execute(
+        f"""
+        SELECT count(*) FROM (
+            SELECT 1 FROM users u WHERE u.app_id = $1 AND {which}
+            ORDER BY u.user_id FOR UPDATE
+        ) AS locked
+        """,
+        *params.values,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the merge refuses a row: when (SQL over the row ``r``, its user ``u`` and its new
+    values ``v``), and what the rejection says (``{first_line}`` in the message is the line
+    that has the same id)."""
+
+    condition: str
+    reason: str
+    column: str
+    message: str
+
+
+#: The refusal number of rows over the cap of non-push subscriptions (set after the plan).
+_SUBSCRIPTION_LIMIT = 0
+
+
+def _refusals_sql(plan: MergePlan, checks: Sequence[Refusal]) -> tuple[str, list[object]]:
+    """The statement storing the rejections of the plan's refused rows."""
+    params = _Params(plan.app_id, plan.import_id)
+    limit = MAX_SUBSCRIPTIONS_PER_USER
+    every = [
+        *enumerate(checks, 1),
+        (
+            _SUBSCRIPTION_LIMIT,
+            Refusal(
+                "",
+                "SUBSCRIPTION_LIMIT_REACHED",
+                "",
+                f"the user would hold more than {limit} subscriptions that are not push tokens "
+                "(only push subscriptions are evicted to make room)",
+            ),
+        ),
+    ]
+
+    def pick(field: str) -> str:
+        branches = []
+        for number, check in every:
+            text = getattr(check, field)
+            if "{first_line}" in text:
+                before, _, after = text.partition("{first_line}")
+                value = f"{params.add(before)} || p.first_line || {params.add(after)}"
+            else:
+                value = params.add(text)
+            branches.append(f"WHEN {number} THEN {value}")
+        return f"CASE p.refusal {' '.join(branches)} END"
+
+    sql = f"""
+        INSERT INTO import_rejections (app_id, import_id, line, column_name, reason, message)
+        SELECT $1, $2, p.line, {pick("column")}, {pick("reason")}, {pick("message")}
+        FROM import_plan p WHERE p.refusal IS NOT NULL
+    """
+    return sql, params.values
+
+
+def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
+    """The statement creating ``import_plan``: one row per staged row with its user, its new
+    values, the fields that change, and why it is refused (NULL when it is not)."""
+    params = _Params(plan.app_id, plan.id_prefix)
+    layout = plan.layout
+    new_values: list[tuple[str, str]] = []  # (expression, name)
+    changed: list[tuple[str, str]] = []  # (condition, field name)
+    for column in layout.standard:
+        name = column.name
+        if plan.clear:
+            expr = f"r.{name}"
+        elif name.startswith("birth_"):
+            # The three parts go together: an unknown year is NULL but still a new value.
+            expr = f"CASE WHEN r.birth_month IS NULL THEN u.{name} ELSE r.{name} END"
+        else:
+            expr = f"coalesce(r.{name}, u.{name})"
+        new_values.append((expr, name))
+        if not name.startswith("birth_"):
+            changed.append((f"v.{name} IS DISTINCT FROM u.{name}", name))
+    if any(c.name == "birth_month" for c in layout.standard):
+        changed.append(
+            (
+                "(v.birth_year, v.birth_month, v.birth_day) IS DISTINCT FROM "
+                "(u.birth_year, u.birth_month, u.birth_day)",
+                "birthdate",
+            )
+        )
+    attributes = layout.attributes
+    if attributes:
+        pairs = ", ".join(
+            f"{_literal(c.attribute or '')}, r.{c.name}"
+            for c in attributes
+            if c.name not in plan.verdicts
+        )
+        built = f"jsonb_strip_nulls(jsonb_build_object({pairs}))" if pairs else "'{}'::jsonb"
+        base = "coalesce(u.attributes, '{}'::jsonb)"
+        if plan.clear:
+            names = ", ".join(_literal(c.attribute or "") for c in attributes)
+            base = f"({base} - ARRAY[{names}]::text[])"
+        new_values.append((f"{base} || {built}", "attributes"))
+        for c in attributes:
+            key = _literal(c.attribute or "")
+            changed.append(
+                (
+                    f"v.attributes -> {key} IS DISTINCT FROM u.attributes -> {key}",
+                    f"attributes.{c.attribute}",
+                )
+            )
+    else:
+        new_values.append(("u.attributes", "attributes"))
+    if plan.id_kind is IdKind.EXTERNAL_ID:
+        changed.append(("u.user_id IS NULL", "external_id"))
+    # The changed fields, encoded as the change fact's repeated `changed_fields` (sorted, as
+    # BatchUpsertUsers publishes them): each name's bytes are a parameter.
+    changed_expr = " || ".join(
+        f"CASE WHEN {condition} THEN "
+        f"{params.add(IdentityChange(changed_fields=[name]).SerializeToString(), 'bytea')} "
+        "ELSE '\\x'::bytea END"
+        for condition, name in sorted(changed, key=lambda item: item[1])
+    )
+
+    # Why a row is refused, in order: the first that holds wins. The plan keeps only the
+    # number of the check (cheap per row); reason, column and message are filled in for the
+    # refused rows alone (:func:`_refusals_sql`).
+    checks: list[Refusal] = [
+        Refusal("r.n > 1", "DUPLICATE_ID", "", "line {first_line} has this id already"),
+    ]
+    if plan.id_kind is IdKind.USER_ID or plan.mode is Mode.UPDATE_ONLY:
+        checks.append(Refusal("u.user_id IS NULL", "USER_NOT_FOUND", "", "no user has this id"))
+    if plan.mode is Mode.CREATE_ONLY:
+        checks.append(
+            Refusal(
+                "u.user_id IS NOT NULL",
+                "USER_EXISTS",
+                "",
+                "a user has this id already (the import only creates users)",
+            )
+        )
+    for c in attributes:
+        verdict = plan.verdicts.get(c.name)
+        if verdict is not None:
+            checks.append(
+                Refusal(f"r.{c.name} IS NOT NULL", verdict.reason, c.header, verdict.message)
+            )
+    if attributes:
+        # Only a user who had attributes can pass the cap: the import adds at most one per
+        # attribute column (and options allow fewer columns than the cap).
+        keys_of = "(SELECT count(*) FROM jsonb_object_keys({}))"
+        new_count = keys_of.format("v.attributes")
+        old_count = keys_of.format("u.attributes")
+        checks.append(
+            Refusal(
+                f"u.user_id IS NOT NULL AND {old_count} > {MAX_ATTRIBUTES - len(attributes)} "
+                f"AND {new_count} > {MAX_ATTRIBUTES} AND {new_count} > {old_count}",
+                "ATTRIBUTE_LIMIT",
+                "",
+                f"a user may hold at most {MAX_ATTRIBUTES} custom attributes",
+            )
+        )
+    branches = " ".join(f"WHEN {check.condition} THEN {n}" for n, check in enumerate(checks, 1))
+    refusal = f"CASE WHEN NOT r.ok THEN NULL {branches} END"
+
+    external_id = "r.key" if plan.id_kind is IdKind.EXTERNAL_ID else "u.external_id"
+    # Of the staged values only the row's identity and its subscription tokens are needed
+    # later (the rest is in the new_* columns): a narrower table is cheaper to write.
+    kept = ["line", "key", "ok", "n", "first_line", *(c.name for c in layout.subscriptions)]
+    sql = f"""
+        CREATE TEMP TABLE import_plan ON COMMIT DROP AS
+        SELECT {", ".join(f"r.{name}" for name in kept)}, u.user_id AS existing_id,
+            coalesce(u.user_id, ($2 || lpad(to_hex(r.line), 8, '0'))::uuid) AS user_id,
+            {external_id} AS external_id,
+            {", ".join(f"v.{name} AS new_{name}" for _, name in new_values)},
+            {changed_expr} AS changed_pb,
+            {refusal}::int2 AS refusal
+        FROM (
+            -- n: 1 for the first row of its key, 2 for a later one (import_duplicates).
+            SELECT s.*, CASE WHEN s.line > d.first_line THEN 2 ELSE 1 END AS n, d.first_line
+            FROM {STAGING} s LEFT JOIN import_duplicates d ON d.key = s.key
+        ) AS r
+        {_lookup(plan, params)}
+        CROSS JOIN LATERAL (
+            -- OFFSET 0 keeps the planner from copying these expressions into every place
+            -- that uses them (the attribute map is used half a dozen times).
+            SELECT {", ".join(f"{expr} AS {name}" for expr, name in new_values)}
+            OFFSET 0
+        ) AS v
+    """
+    return sql, params.values, checks
+
+
+async def merge(conn: DBConnection, plan: MergePlan) -> MergeCounts:
+    """Apply the staged rows: users, aliases, subscriptions, rejections and change facts.
+
+    Call inside a transaction, after :func:`lock_existing_users`.
+
+    Raises:
+        MergeConflict: A concurrent transaction created an external id, alias or subscription
+            the import was about to create; roll back and merge again.
+    """
+    # Bulk work: sorts and hashes in memory (Postgres's, for this transaction only); and no JIT:
+    # compiling these wide generated statements costs a second or more each, more than it saves.
+    await conn.execute("SET LOCAL work_mem = '128MB'; SET LOCAL jit = off")
+    # Keys that more than one row names, with their first line: few, so the plan finds a
+    # row's duplicates with a hash look-up instead of sorting every row by key.
+    await conn.execute(
+        f"""
+        CREATE TEMP TABLE import_duplicates ON COMMIT DROP AS
+        SELECT key, min(line) AS first_line FROM {STAGING} GROUP BY key HAVING count(*) > 1;
+        ANALYZE import_duplicates
+        """
+    )
+    sql, params, checks = _plan_sql(plan)
+    await conn.execute(sql, *params)
+    if plan.layout.subscriptions:
+        await _refuse_over_subscription_limit(conn, plan)
+    sql, params = _refusals_sql(plan, checks)
+    await conn.execute(sql, *params)
+    expected = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE existing_id IS NULL) AS created,
+               count(*) FILTER (WHERE existing_id IS NOT NULL AND octet_length(changed_pb) > 0)
+                   AS updated
+        FROM import_plan WHERE ok AND refusal IS NULL
+        """
+    )
+    assert expected is not None
+    await _insert_users(conn, plan, expected["created"])
+    await _update_users(conn, plan, expected["updated"])
+    await _publish_user_facts(conn, plan)
+    subscribed = "false"
+    if plan.layout.subscriptions:
+        await _merge_subscriptions(conn, plan)
+        subscribed = "p.user_id IN (SELECT user_id FROM import_subs WHERE moved_in)"
+    await _mark_for_segments(conn, plan, subscribed)
+    counts = await conn.fetchrow(
+        f"""
+        SELECT count(*) FILTER (WHERE p.refusal IS NOT NULL) AS rejected,
+               count(*) FILTER (WHERE p.refusal IS NULL AND p.existing_id IS NULL) AS created,
+               count(*) FILTER (WHERE p.refusal IS NULL AND p.existing_id IS NOT NULL
+                                AND (octet_length(p.changed_pb) > 0 OR {subscribed})) AS updated,
+               count(*) FILTER (WHERE p.refusal IS NULL AND p.existing_id IS NOT NULL
+                                AND NOT (octet_length(p.changed_pb) > 0 OR {subscribed}))
+                   AS unchanged
+        FROM import_plan p WHERE p.ok
+        """
+    )
+    assert counts is not None
+    return MergeCounts(
+        created=counts["created"],
+        updated=counts["updated"],
+        unchanged=counts["unchanged"],
+        rejected=counts["rejected"],
+    )
+
+
+async def _insert_users(conn: DBConnection, plan: MergePlan, expected: int) -> None:
+    if not expected:
+        return
+    names = [c.name for c in plan.layout.standard]
+    columns = ", ".join(["external_id", *names, "attributes"])
+    external_id = "p.key" if plan.id_kind is IdKind.EXTERNAL_ID else "NULL"
+    values = ", ".join(
+        [external_id, *(f"p.new_{n}" for n in names), "coalesce(p.new_attributes, '{}')"]
+    )
+    # Plain INSERTs (no ON CONFLICT, whose speculative insertion costs a good deal per row):
+    # a key taken by a concurrent writer since the plan fails the statement, and the caller
+    # runs the merge again (_unique).
+    async with _unique("a user the import creates was created meanwhile"):
+        await conn.execute(
+            f"""
+            INSERT INTO users (app_id, user_id, {columns}, create_time, update_time)
+            SELECT $1, p.user_id, {values}, $2, $2
+            FROM import_plan p WHERE p.ok AND p.refusal IS NULL AND p.existing_id IS NULL
+            """,
+            plan.app_id,
+            plan.at,
+        )
+    if plan.id_kind is IdKind.ALIAS:
+        async with _unique("an alias the import creates was taken meanwhile"):
+            await conn.execute(
+                """
+                INSERT INTO user_aliases (app_id, label, value, user_id, create_time)
+                SELECT $1, $2, p.key, p.user_id, $3
+                FROM import_plan p WHERE p.ok AND p.refusal IS NULL AND p.existing_id IS NULL
+                """,
+                plan.app_id,
+                plan.alias_label,
+                plan.at,
+            )
+
+
+@contextlib.asynccontextmanager
+async def _unique(what: str) -> AsyncIterator[None]:
+    """Turn a unique violation into :class:`MergeConflict` (the transaction is lost anyway)."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        raise MergeConflict(what) from exc
+
+
+async def _update_users(conn: DBConnection, plan: MergePlan, expected: int) -> None:
+    if not expected:
+        return
+    names = [c.name for c in plan.layout.standard]
+    sets = ", ".join([*(f"{n} = p.new_{n}" for n in names), "attributes = p.new_attributes"])
+    status = await conn.execute(
+        f"""
+        UPDATE users u SET {sets}, update_time = $2
+        FROM import_plan p
+        WHERE u.app_id = $1 AND u.user_id = p.existing_id
+          AND p.ok AND p.refusal IS NULL AND octet_length(p.changed_pb) > 0
+        """,
+        plan.app_id,
+        plan.at,
+    )
+    if int(status.rsplit(" ", 1)[-1]) != expected:
+        raise MergeConflict("a user the import updates was deleted meanwhile")
+
+
+async def _mark_for_segments(conn: DBConnection, plan: MergePlan, subscribed: str) -> None:
+    """Queue every user the import changed for segment re-evaluation, as ``changes.publish``
+    does for every other write (``segments_store.mark_dirty``): one INSERT ... SELECT into
+    its queue instead of a million ids through Python."""
+    holders = (
+        "UNION SELECT holder FROM import_subs WHERE moved_in AND holder IS NOT NULL"
+        if plan.layout.subscriptions
+        else ""
+    )
+    await conn.execute(
+        f"""
+        INSERT INTO segment_dirty_users (app_id, user_id)
+        SELECT $1, touched.user_id FROM (
+            SELECT p.user_id FROM import_plan p
+            WHERE p.ok AND p.refusal IS NULL
+              AND (p.existing_id IS NULL OR octet_length(p.changed_pb) > 0 OR {subscribed})
+            {holders}
+        ) AS touched
+        """,
+        plan.app_id,
+    )
+
+
+def _fact_head(plan: MergePlan, kind: IdentityChange.Kind.ValueType) -> bytes:
+    """The encoded fields every fact of one kind of this import shares (app, kind, time)."""
+    fact = IdentityChange(app_id=plan.app_id, kind=kind)
+    fact.occurred_at.FromDatetime(plan.at)
+    return fact.SerializeToString()
+
+
+_OUTBOX_INSERT = "INSERT INTO outbox (topic, key, event_type, payload)"
+
+
+def _uuid_field(number: int, expr: str) -> str:
+    """SQL encoding a UUID (36 characters as text) as string field ``number`` (< 16)."""
+    return f"'\\x{number << 3 | 2:02x}24'::bytea || convert_to(({expr})::text, 'UTF8')"
+
+
+#: The event id every fact carries (field 1), a fresh random UUID per row.
+_EVENT_ID = _uuid_field(1, "gen_random_uuid()")
+
+
+async def _publish_user_facts(conn: DBConnection, plan: MergePlan) -> None:
+    await conn.execute(
+        f"""
+        {_OUTBOX_INSERT}
+        SELECT $1, p.user_id::text, $2,
+            CASE WHEN p.existing_id IS NULL THEN $3::bytea ELSE $4::bytea END
+            || {_uuid_field(1, "$5::text || lpad(to_hex(p.line), 8, '0')")}
+            || {_uuid_field(3, "p.user_id")} || pb_string(6, p.external_id) || p.changed_pb
+        FROM import_plan p
+        WHERE p.ok AND p.refusal IS NULL
+          AND (p.existing_id IS NULL OR octet_length(p.changed_pb) > 0)
+        ORDER BY p.line
+        """,
+        IDENTITY_CHANGES.name,
+        IDENTITY_CHANGES.event_type,
+        _fact_head(plan, IdentityChange.Kind.KIND_USER_CREATED),
+        _fact_head(plan, IdentityChange.Kind.KIND_USER_UPDATED),
+        # Event ids: a random prefix and the line, so a million facts need no random UUIDs.
+        str(uuid.uuid4())[:28],
+    )
+
+
+def _token_values(layout: StagingLayout, params: _Params) -> str:
+    rows = []
+    for column in layout.subscriptions:
+        assert column.subscription is not None
+        rows.append(f"({params.add(column.subscription.value)}, p.{column.name})")
+    return ", ".join(rows)
+
+
+async def _refuse_over_subscription_limit(conn: DBConnection, plan: MergePlan) -> None:
+    """Refuse rows that would give an existing user more than the cap of non-push
+    subscriptions (only push subscriptions are evicted to make room)."""
+    params = _Params(plan.app_id)
+    tokens = _token_values(plan.layout, params)
+    limit = MAX_SUBSCRIPTIONS_PER_USER
+    await conn.execute(
+        f"""
+        UPDATE import_plan p
+        SET refusal = {_SUBSCRIPTION_LIMIT}
+        WHERE p.ok AND p.refusal IS NULL AND p.existing_id IS NOT NULL
+          AND (SELECT count(*) FROM subscriptions s
+               WHERE s.app_id = $1 AND s.user_id = p.existing_id AND s.type NOT IN {_PUSH})
+            + (SELECT count(*) FROM (VALUES {tokens}) AS t(type, token)
+               WHERE t.token IS NOT NULL AND t.type NOT IN {_PUSH}
+                 AND NOT EXISTS (SELECT 1 FROM subscriptions s
+                                 WHERE s.app_id = $1 AND s.type = t.type AND s.token = t.token
+                                   AND s.user_id = p.existing_id)) > {limit}
+        """,
+        *params.values,
+    )
+
+
+async def _merge_subscriptions(conn: DBConnection, plan: MergePlan) -> None:
+    """Create the subscriptions the file names, move those another user holds, evict push
+    subscriptions past the cap, and publish what changed.
+
+    The first row (in file order) naming a token gets it. An existing subscription keeps its
+    consent: one whose owner unsubscribed stays unsubscribed.
+    """
+    params = _Params(plan.app_id)
+    tokens = _token_values(plan.layout, params)
+    await conn.execute(
+        f"""
+        CREATE TEMP TABLE import_subs ON COMMIT DROP AS
+        SELECT DISTINCT ON (t.type, t.token)
+            p.line, p.user_id, p.existing_id IS NOT NULL AS user_existed, t.type, t.token,
+            s.subscription_id AS existing_sub, s.user_id AS holder,
+            s.user_id IS DISTINCT FROM p.user_id AS moved_in
+        FROM import_plan p
+        CROSS JOIN LATERAL (VALUES {tokens}) AS t(type, token)
+        LEFT JOIN subscriptions s ON s.app_id = $1 AND s.type = t.type AND s.token = t.token
+        WHERE p.ok AND p.refusal IS NULL AND t.token IS NOT NULL
+        ORDER BY t.type, t.token, p.line
+        """,
+        *params.values,
+    )
+    # Moves: lock the holders, then the subscriptions (the subscriptions' locking order), and
+    # make sure nothing moved before the locks were taken.
+    await conn.execute(
+        """
+        SELECT count(*) FROM (
+            SELECT 1 FROM users WHERE app_id = $1 AND user_id IN (
+                SELECT holder FROM import_subs WHERE holder IS NOT NULL AND moved_in)
+            ORDER BY user_id FOR UPDATE
+        ) AS holders
+        """,
+        plan.app_id,
+    )
+    stale = await conn.fetchval(
+        """
+        SELECT count(*) FROM (
+            SELECT s.user_id, i.holder FROM subscriptions s
+            JOIN import_subs i ON s.app_id = $1 AND s.subscription_id = i.existing_sub
+            WHERE i.moved_in
+            FOR UPDATE OF s
+        ) AS locked WHERE user_id <> holder
+        """,
+        plan.app_id,
+    )
+    if stale:
+        raise MergeConflict("a subscription the import moves moved meanwhile")
+    reachable = "(s.enabled AND s.opt_in = 'subscribed')"
+    sub_fields = (
+        f"{_uuid_field(9, 's.subscription_id')} || pb_string(10, s.type) || "
+        f"CASE WHEN {reachable} THEN '\\x5801'::bytea ELSE '\\x'::bytea END"
+    )
+    removed = _fact_head(plan, IdentityChange.Kind.KIND_SUBSCRIPTION_REMOVED)
+    changed = _fact_head(plan, IdentityChange.Kind.KIND_SUBSCRIPTION_CHANGED)
+    created = _fact_head(plan, IdentityChange.Kind.KIND_SUBSCRIPTION_CREATED)
+    await conn.execute(
+        f"""
+        WITH moved AS (
+            UPDATE subscriptions s SET user_id = i.user_id, update_time = $2
+            FROM import_subs i
+            WHERE s.app_id = $1 AND s.subscription_id = i.existing_sub AND i.moved_in
+            RETURNING s.*, i.holder, i.line
+        )
+        {_OUTBOX_INSERT}
+        SELECT $3, f.key, $4, f.payload FROM (
+            SELECT s.line, 0 AS step, s.holder::text AS key,
+                $5::bytea || {_EVENT_ID} || {_uuid_field(3, "s.holder")}
+                || {sub_fields} AS payload
+            FROM moved s
+            UNION ALL
+            SELECT s.line, 1, s.user_id::text,
+                $6::bytea || {_EVENT_ID} || {_uuid_field(3, "s.user_id")}
+                || pb_string(7, 'user_id') || {sub_fields}
+            FROM moved s
+        ) AS f
+        ORDER BY f.line, f.step
+        """,
+        plan.app_id,
+        plan.at,
+        IDENTITY_CHANGES.name,
+        IDENTITY_CHANGES.event_type,
+        removed,
+        changed,
+    )
+    async with _unique("a subscription the import creates was registered meanwhile"):
+        await conn.execute(
+            f"""
+            WITH inserted AS (
+                INSERT INTO subscriptions (app_id, subscription_id, user_id, type, token,
+                    opt_in_change_time, last_active_time, token_time, create_time, update_time)
+                SELECT $1, gen_random_uuid(), i.user_id, i.type, i.token, $2, $2, $2, $2, $2
+                FROM import_subs i WHERE i.existing_sub IS NULL
+                ORDER BY i.line
+                RETURNING *
+            )
+            {_OUTBOX_INSERT}
+            SELECT $3, s.user_id::text, $4,
+                $5::bytea || {_EVENT_ID} || {_uuid_field(3, "s.user_id")}
+                || {sub_fields}
+            FROM inserted s
+            """,
+            plan.app_id,
+            plan.at,
+            IDENTITY_CHANGES.name,
+            IDENTITY_CHANGES.event_type,
+            created,
+        )
+    # Users that held subscriptions before may now be past the cap: their least recently
+    # active push subscriptions go (users the import created hold only what it gave them).
+    await conn.execute(
+        f"""
+        WITH touched AS (
+            SELECT DISTINCT user_id FROM import_subs WHERE moved_in AND user_existed
+        ), counted AS (
+            SELECT s.user_id, count(*) AS held FROM subscriptions s
+            JOIN touched t ON s.app_id = $1 AND s.user_id = t.user_id
+            GROUP BY s.user_id HAVING count(*) > {MAX_SUBSCRIPTIONS_PER_USER}
+        ), ranked AS (
+            SELECT s.subscription_id, c.held, row_number() OVER (
+                PARTITION BY s.user_id
+                ORDER BY s.last_active_time, s.create_time, s.subscription_id) AS k
+            FROM subscriptions s JOIN counted c ON s.app_id = $1 AND s.user_id = c.user_id
+            WHERE s.type IN {_PUSH}
+        ), evicted AS (
+            DELETE FROM subscriptions s USING ranked r
+            WHERE s.app_id = $1 AND s.subscription_id = r.subscription_id
+              AND r.k <= r.held - {MAX_SUBSCRIPTIONS_PER_USER}
+            RETURNING s.*
+        )
+        {_OUTBOX_INSERT}
+        SELECT $2, s.user_id::text, $3,
+            $4::bytea || {_EVENT_ID} || {_uuid_field(3, "s.user_id")}
+            || {sub_fields}
+        FROM evicted s
+        """,
+        plan.app_id,
+        IDENTITY_CHANGES.name,
+        IDENTITY_CHANGES.event_type,
+        removed,
+    )
+
+
+async def create_members_table(conn: DBConnection, table: str, *, empty: bool = False) -> None:
+    """A temporary table ``table (user_id uuid)`` of every user the import wrote (none when
+    ``empty``: the list-name check runs before there is a plan)."""
+    if empty:
+        await conn.execute(f"CREATE TEMP TABLE {table} (user_id uuid) ON COMMIT DROP")
+        return
+    await conn.execute(
+        f"""
+        CREATE TEMP TABLE {table} ON COMMIT DROP AS
+        SELECT DISTINCT user_id FROM import_plan WHERE ok AND refusal IS NULL
+        """
+    )
+
+
+def field_type_of(column: StagingColumn) -> FieldType:
+    """The customer-field type an attribute column's values have."""
+    assert column.kind is not None
+    return column.kind.field_type

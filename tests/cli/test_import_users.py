@@ -1,0 +1,203 @@
+"""``python -m services.cli.import_users`` as a subprocess against a real identity process."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tidings.identity.v1 import segment_pb2
+
+from tests.e2e.processes import PYTHON, ROOT, ServiceProcess, ToolResult
+from tests.identity.conftest import TestApp
+from tests.identity.import_support import user
+from tests.identity.support import new_id
+
+if TYPE_CHECKING:
+    from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub
+
+
+async def _cli(
+    service: ServiceProcess, key: str, *args: str, tty: bool = False, within: float = 60
+) -> ToolResult:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TIDINGS_")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}", TIDINGS_API_KEY=key)
+    leader = follower = -1
+    if tty:
+        leader, follower = os.openpty()
+    process = await asyncio.create_subprocess_exec(
+        str(PYTHON),
+        "-m",
+        "services.cli.import_users",
+        "--server",
+        service.grpc_target,
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=follower if tty else asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), within)
+    if tty:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        stderr = b"".join(chunks)
+    assert process.returncode is not None
+    return ToolResult(process.returncode, stdout.decode(), stderr.decode(errors="replace"))
+
+
+async def test_the_cli_imports_a_file_and_writes_the_refused_rows(
+    identity_process: ServiceProcess,
+    identity_stub: IdentityServiceAsyncStub,
+    app: TestApp,
+    tmp_path: Path,
+) -> None:
+    ana, bo = new_id(), new_id()
+    source = tmp_path / "customers.csv"
+    source.write_text(
+        "id;Email;plan;Joined;mobile\n"
+        f"{ana};ana@example.com;gold;31/01/2024;+34600111222\n"
+        f'{bo};b@example.com;=HYPERLINK("x");yesterday;\n'
+        f"{new_id()};not-an-email;silver;01/02/2024;\n",
+        encoding="utf-8",
+    )
+    refused = tmp_path / "refused.csv"
+    name = f"CLI list {new_id()}"
+    result = await _cli(
+        identity_process,
+        app.server_key,
+        str(source),
+        "--id-column",
+        "id",
+        "--delimiter",
+        ";",
+        "--column",
+        "Email=email",
+        "--attribute",
+        "plan:string",
+        "--attribute",
+        "Joined=joined:date",
+        "--date-format",
+        "Joined=%d/%m/%Y",
+        "--subscription",
+        "mobile:sms",
+        "--list-name",
+        name,
+        "--rejections",
+        str(refused),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SUCCEEDED" in result.stdout
+    assert "rows 3: created 1, updated 0, unchanged 0, rejected 2" in result.stdout
+    assert "1 rows have cells starting with" in result.stdout
+    got = await user(identity_stub, app, ana)
+    assert got.attributes["joined"].timestamp_value.ToJsonString() == "2024-01-31T00:00:00Z"
+    assert [s.token for s in got.subscriptions] == ["+34600111222"]
+    rows = list(csv.reader(io.StringIO(refused.read_text(encoding="utf-8"))))
+    assert rows[0] == [
+        "line",
+        "column",
+        "reason",
+        "message",
+        "id",
+        "Email",
+        "plan",
+        "Joined",
+        "mobile",
+    ]
+    assert [row[:3] for row in rows[1:]] == [
+        ["3", "Joined", "INVALID_DATE"],
+        ["4", "Email", "INVALID_EMAIL"],
+    ]
+    # The file's own formula-like cell is written defused.
+    assert rows[1][4:] == [bo, "b@example.com", '\'=HYPERLINK("x")', "yesterday", ""]
+    segment_id = result.stdout.split("list segment: ")[1].split()[0]
+    segment = await identity_stub.GetSegment(
+        segment_pb2.GetSegmentRequest(segment_id=segment_id), metadata=app.server
+    )
+    assert segment.display_name == name
+
+
+async def test_the_cli_shows_progress_on_a_terminal(
+    identity_process: ServiceProcess, app: TestApp, tmp_path: Path
+) -> None:
+    source = tmp_path / "many.csv"
+    source.write_text(
+        "id,first_name\n" + "".join(f"{new_id()},Ana\n" for _ in range(30_000)), encoding="utf-8"
+    )
+    result = await _cli(
+        identity_process,
+        app.server_key,
+        str(source),
+        "--id-column",
+        "id",
+        "--column",
+        "first_name=first_name",
+        "--chunk-size",
+        "4096",
+        tty=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MB" in result.stderr
+    assert "rows" in result.stderr
+    assert "[#" in result.stderr
+    assert "created 30,000" in result.stdout
+
+
+async def test_the_cli_exits_1_when_the_import_fails(
+    identity_process: ServiceProcess, app: TestApp, tmp_path: Path
+) -> None:
+    source = tmp_path / "broken.csv"
+    source.write_text('id,first_name\n1,"' + "x" * 1_200_000 + "\n", encoding="utf-8")
+    result = await _cli(
+        identity_process,
+        app.server_key,
+        str(source),
+        "--id-column",
+        "id",
+        "--column",
+        "first_name=first_name",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stdout
+    assert "quoted field" in result.stdout
+
+
+async def test_the_cli_exits_2_on_a_refused_request_naming_the_field(
+    identity_process: ServiceProcess, app: TestApp, tmp_path: Path
+) -> None:
+    source = tmp_path / "x.csv"
+    source.write_text("id,size\n1,42\n", encoding="utf-8")
+    result = await _cli(
+        identity_process,
+        app.server_key,
+        str(source),
+        "--id-column",
+        "id",
+        "--column",
+        "size=shoe_size",
+    )
+    assert result.returncode == 2
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "options.columns[0].standard_field" in result.stderr
+    bad_flag = await _cli(
+        identity_process, app.server_key, str(source), "--id-column", "id", "--attribute", "size"
+    )
+    assert bad_flag.returncode == 2
+    assert "--attribute" in bad_flag.stderr
+    no_key = await _cli(identity_process, "", str(source), "--id-column", "id")
+    assert no_key.returncode == 2
+    assert "server key" in no_key.stderr

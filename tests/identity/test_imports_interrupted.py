@@ -1,0 +1,175 @@
+"""Imports interrupted by the death of the identity process: nothing half-applied, job FAILED.
+
+Each test runs its own identity process on a scratch database and SIGKILLs it mid-upload or
+mid-merge, starts another on the same database, and checks that the job ends FAILED (the new
+process finds it orphaned: its lock is free), that no row of it was written, and that uploading
+the same file again gives the state one upload gives, without duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+import pytest
+from tidings.identity.v1 import apps_service_pb2_grpc, identity_service_pb2_grpc, import_pb2
+from tidings.identity.v1 import identity_service_pb2 as pb
+
+from tests.conftest import temporary_database
+from tests.e2e.processes import ServiceProcess, start_service
+from tests.identity.conftest import TestApp, create_test_app
+from tests.identity.import_support import NUMBER, Job, attribute, options, standard
+from tests.identity.support import new_id
+
+if TYPE_CHECKING:
+    from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub
+
+ROWS = 40_000
+
+
+def _file(prefix: str) -> bytes:
+    lines = ["id,email,score"]
+    lines += [f"{prefix}-{n},user{n}@example.com,{n}" for n in range(ROWS)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _options(import_id: str) -> import_pb2.ImportOptions:
+    return options(standard("email"), attribute("score", NUMBER), import_id=import_id)
+
+
+async def _identity(dsn: str, log_dir: Path) -> ServiceProcess:
+    service = await start_service("identity", database_url=dsn, log_dir=log_dir)
+    await service.wait_serving()
+    return service
+
+
+async def _job(stub: IdentityServiceAsyncStub, app: TestApp, import_id: str) -> Job:
+    job: Job = await stub.GetImportJob(
+        import_pb2.GetImportJobRequest(import_id=import_id), metadata=app.server
+    )
+    return job
+
+
+async def _wait_job(
+    stub: IdentityServiceAsyncStub, app: TestApp, import_id: str, state: int, within: float = 30
+) -> Job:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            job = await _job(stub, app, import_id)
+            if job.state == state:
+                return job
+        except grpc.aio.AioRpcError:
+            pass  # the job is not recorded yet
+        assert asyncio.get_running_loop().time() < deadline, f"job {import_id} never {state}"
+        await asyncio.sleep(0.02)
+
+
+async def _count_users(stub: IdentityServiceAsyncStub, app: TestApp) -> int:
+    total, token = 0, ""
+    while True:
+        page = await stub.ListUsers(
+            pb.ListUsersRequest(page_size=1_000, page_token=token), metadata=app.server
+        )
+        total += len(page.users)
+        token = page.next_page_token
+        if not token:
+            return total
+
+
+async def _upload(
+    stub: IdentityServiceAsyncStub, app: TestApp, import_id: str, data: bytes, hold: asyncio.Event
+) -> Any:
+    """ImportUsers that sends half the file, then the rest once ``hold`` is set."""
+    half = len(data) // 2
+
+    async def requests() -> AsyncIterator[import_pb2.ImportUsersRequest]:
+        yield import_pb2.ImportUsersRequest(options=_options(import_id))
+        yield import_pb2.ImportUsersRequest(chunk=data[:half])
+        await hold.wait()
+        yield import_pb2.ImportUsersRequest(chunk=data[half:])
+
+    return stub.ImportUsers(requests(), metadata=app.server)
+
+
+async def _check_recovery_and_rerun(
+    dsn: str, log_dir: Path, app: TestApp, import_id: str, data: bytes
+) -> None:
+    """A fresh process marks the job FAILED; the file uploaded twice more lands exactly once."""
+    service = await _identity(dsn, log_dir)
+    try:
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            failed = await _wait_job(stub, app, import_id, Job.STATE_FAILED)
+            assert "upload the file again" in failed.error
+            assert await _count_users(stub, app) == 0
+            for attempt, expected in (("again", (ROWS, 0)), ("twice", (0, ROWS))):
+                job = await stub.ImportUsers(
+                    _all(_options(f"{import_id}-{attempt}"), data), metadata=app.server
+                )
+                assert job.state == Job.STATE_SUCCEEDED, job.error
+                assert (job.created, job.unchanged) == expected
+            assert await _count_users(stub, app) == ROWS
+    finally:
+        await service.stop()
+
+
+async def _all(
+    opts: import_pb2.ImportOptions, data: bytes
+) -> AsyncIterator[import_pb2.ImportUsersRequest]:
+    yield import_pb2.ImportUsersRequest(options=opts)
+    for start in range(0, len(data), 1 << 20):
+        yield import_pb2.ImportUsersRequest(chunk=data[start : start + (1 << 20)])
+
+
+async def test_a_process_killed_mid_upload_leaves_a_failed_job_and_rerunning_lands_once(
+    tmp_path: Path,
+) -> None:
+    data = _file(new_id())
+    import_id = f"killed-{new_id()}"
+    async with temporary_database() as dsn:
+        service = await _identity(dsn, tmp_path)
+        try:
+            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
+                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+                hold = asyncio.Event()
+                call = await _upload(stub, app, import_id, data, hold)
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:
+                    job = await _wait_job(stub, app, import_id, Job.STATE_RECEIVING)
+                    if job.rows > 0:
+                        break
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
+                await service.kill()
+                hold.set()
+                with pytest.raises(grpc.aio.AioRpcError) as broken:
+                    await call
+                assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await service.kill()
+        await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)
+
+
+async def test_a_process_killed_mid_merge_writes_nothing(tmp_path: Path) -> None:
+    data = _file(new_id())
+    import_id = f"merge-{new_id()}"
+    async with temporary_database() as dsn:
+        service = await _identity(dsn, tmp_path)
+        try:
+            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
+                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+                call = stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
+                await _wait_job(stub, app, import_id, Job.STATE_APPLYING, within=60)
+                await service.kill()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call
+        finally:
+            await service.kill()
+        await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)

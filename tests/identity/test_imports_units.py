@@ -1,0 +1,144 @@
+"""The pure parts of imports: reading CSV in chunks, phone numbers, formula cells, options."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from services.identity.csv_cells import csv_text, looks_like_formula, neutralise
+from services.identity.import_csv import CsvStream, Record, UnreadableFile
+from services.identity.import_options import (
+    AttributeKind,
+    ColumnSpec,
+    Encoding,
+    IdKind,
+    ImportSpec,
+    Mode,
+    check_options,
+)
+from services.identity.import_rows import _stored_moment
+from services.identity.users_store import format_timestamp
+from services.runtime.errors import InvalidArgument
+
+
+def _read(data: bytes, chunk: int, **dialect: str) -> list[Record]:
+    stream = CsvStream(
+        encoding=dialect.get("encoding", "utf-8"),
+        delimiter=dialect.get("delimiter", ","),
+        quote=dialect.get("quote", '"'),
+    )
+    records: list[Record] = []
+    for start in range(0, len(data), chunk):
+        records += stream.feed(data[start : start + chunk])
+    return records + list(stream.finish())
+
+
+FILE = ('\ufeffid,name\r\n1,"multi\nline, with ""quotes"""\r\n\r\n2,Zoë\r3,last').encode()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64, 4096])
+def test_records_and_line_numbers_do_not_depend_on_chunk_boundaries(chunk: int) -> None:
+    records = _read(FILE, chunk)
+    assert [(r.line, r.cells) for r in records] == [
+        (1, ["id", "name"]),
+        (2, ["1", 'multi\nline, with "quotes"']),
+        (5, ["2", "Zoë"]),
+        (6, ["3", "last"]),
+    ]
+
+
+def test_bad_bytes_mark_their_record_and_bad_quotes_are_an_error_record() -> None:
+    records = _read(b'id,n\n1,ok\n2,\xff\n3,"x"y\n4,"open\n', 3)
+    assert [(r.line, r.bad_encoding, bool(r.error)) for r in records] == [
+        (1, False, False),
+        (2, False, False),
+        (3, True, False),
+        (4, False, True),
+        (5, False, True),
+    ]
+    assert "not closed" in records[-1].error
+
+
+def test_latin1_reads_every_byte() -> None:
+    [_header, row] = _read("id,n\n1,Müller\x85\n".encode("latin-1"), 2, encoding="latin-1")
+    assert row.cells == ["1", "Müller\x85"]
+    assert not row.bad_encoding
+
+
+def test_an_unclosed_quote_cannot_swallow_more_than_a_record_limit() -> None:
+    stream = CsvStream(encoding="utf-8", delimiter=",", quote='"')
+    list(stream.feed(b'id,n\n1,"'))
+    for _ in range(10):
+        list(stream.feed(b"x" * 100_000 + b"\n"))
+    with pytest.raises(UnreadableFile, match="line 2"):
+        list(stream.feed(b"x" * 100_000 + b"\n"))
+
+
+def test_formula_cells_are_recognised_and_defused() -> None:
+    assert [looks_like_formula(c) for c in ("=1", "+1", "-1", "@x", "a=1", "", " =1")] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert neutralise("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
+    assert neutralise("\t=1") == "'\t=1"
+    assert neutralise(42) == "42"
+    assert neutralise(None) == ""
+    assert csv_text([["=1", 'a "b"', "-2"]]) == '\'=1,"a ""b""",\'-2\r\n'
+
+
+def test_timestamps_are_stored_as_every_identity_write_stores_them() -> None:
+    moments = [
+        datetime(2026, 1, 31, 9, 30, tzinfo=UTC),
+        datetime(2026, 1, 31, 9, 30, 0, 120, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(987, 6, 5, tzinfo=UTC),
+    ]
+    assert [_stored_moment(m) for m in moments] == [format_timestamp(m) for m in moments]
+
+
+def _spec(**changes: object) -> ImportSpec:
+    values: dict[str, object] = {
+        "import_id": "",
+        "identifier_column": "id",
+        "id_kind": IdKind.EXTERNAL_ID,
+        "alias_label": "",
+        "columns": (ColumnSpec("email", target="standard", standard="email"),),
+        "mode": Mode.CREATE_OR_UPDATE,
+        "empty_cells_clear": False,
+        "delimiter": ",",
+        "quote": '"',
+        "encoding": Encoding.UTF8,
+        "list_name": "",
+    }
+    values.update(changes)
+    return ImportSpec(**values)  # type: ignore[arg-type]
+
+
+def _fields(spec: ImportSpec) -> list[str]:
+    with pytest.raises(InvalidArgument) as caught:
+        check_options(spec)
+    return [v.field for v in caught.value.field_violations]
+
+
+def test_options_are_checked_field_by_field() -> None:
+    assert check_options(_spec()).identifier_column == "id"
+    assert _fields(_spec(id_kind=IdKind.USER_ID, mode=Mode.CREATE_ONLY)) == ["options.mode"]
+    assert _fields(_spec(quote=",")) == ["options.quote"]
+    assert _fields(_spec(id_kind=None, encoding=None, size_bytes=-1)) == [
+        "options.identifier_kind",
+        "options.encoding",
+        "options.size_bytes",
+    ]
+    timestamp = ColumnSpec(
+        "t", target="attribute", attribute="t", kind=AttributeKind.TIMESTAMP, date_format="%Q"
+    )
+    assert _fields(_spec(columns=(timestamp,))) == ["options.columns[0].date_format"]
+    twice = ColumnSpec("a", target="attribute", attribute="plan", kind=AttributeKind.STRING)
+    again = ColumnSpec("b", target="attribute", attribute="plan", kind=AttributeKind.NUMBER)
+    assert _fields(_spec(columns=(twice, again))) == ["options.columns[1]"]
