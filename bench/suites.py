@@ -14,6 +14,7 @@ SUITES: tuple[str, ...] = (
     "bench.ceiling.kafka",
     "bench.identity",
     "bench.delivery",
+    "bench.journey",
     "bench.identity_import",
     "bench.identity_segments",
 )

@@ -12,3 +12,25 @@ class JourneySettings(ServiceSettings):
     grpc_port: int = 50052
     metrics_port: int = 9102
     database_url: str = default_database_url("tidings_journey")
+    db_pool_max: int = 12
+
+    #: Where identity and delivery answer gRPC.
+    identity_target: str = "127.0.0.1:50051"
+    delivery_target: str = "127.0.0.1:50053"
+
+    #: Simulated clock: the engine's "now" is the real time plus this many seconds (may be
+    #: negative). For demos and tests of day-long delays and birthdays; 0 in production.
+    clock_offset_seconds: float = 0.0
+
+    #: Whether this process runs the engine (claim loop, audience loader, consumers).
+    run_engine: bool = True
+    #: Most customers stepped in one claim transaction.
+    engine_batch: int = 1000
+    #: Claim loops per process (each its own connection; SKIP LOCKED shares the work).
+    engine_workers: int = 2
+    #: How long an idle claim loop sleeps before looking again (seconds); new work wakes it
+    #: at once through NOTIFY.
+    engine_idle_wait: float = 0.2
+
+    #: Webhook nodes may call loopback and private addresses (tests and local demos only).
+    webhook_allow_private: bool = False

@@ -1,0 +1,762 @@
+"""The journey engine: replicas claim due customers in batches and move each through its graph.
+
+One claim is one transaction: ``SELECT ... WHERE wake_at <= now ORDER BY wake_at LIMIT n FOR
+UPDATE SKIP LOCKED`` over ``instances`` (customers ready to move, timers and timeouts that came
+due), every claimed customer advanced in memory until they wait, leave or need a retry, then
+their new state, their path steps and the ``delivery.requests`` records of their sends (to the
+outbox) written with one statement each, and committed together. A crash anywhere before the
+commit leaves the rows as they were for the next claim; after it, everything is done: each step
+runs exactly once per customer visit, and a send's outbox row exists exactly when its step was
+taken. Idempotency keys are ``<journey>/<user>/<visit>/<node>/<step>``.
+
+Calls to other services happen inside the claim (profiles for branches, delays and webhooks;
+attribute writes): a profile read has no effect; an attribute write and a webhook call are
+repeated if the process dies before the commit (both carry what makes a repeat harmless: a
+write sets the same values, a webhook the same ``X-Tidings-Idempotency-Key``). A customer whose
+call fails for a reason that may pass (a service down, no key) stays where it is and is retried
+after :data:`RETRY_DELAY`.
+
+Customers of a paused journey are parked (their wake time kept aside until Resume); customers
+of a stopped or deleted journey are taken out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from liquid import Environment
+from liquid.exceptions import LiquidError
+from prometheus_client import Counter, Histogram
+from tidings.events.v1.send_request_pb2 import SendRequest
+from tidings.identity.v1 import user_pb2
+from tidings.journey.v1 import journey_pb2 as jpb
+
+from services.journey import instances_store, schedule
+from services.journey.catalog import Catalog
+from services.journey.conditions import ProfileFacts, matches_profile, value_of
+from services.journey.definitions import node_kind
+from services.journey.entries import Candidate, enter
+from services.journey.instances_store import Instance, StepRow
+from services.journey.peers import PeerRefused, Peers, PeerUnavailable
+from services.journey.settings import JourneySettings
+from services.journey.split import choose_branch
+from services.journey.webhooks import WebhookCall, call_webhook
+from services.runtime.app import Clock
+from services.runtime.db import DBConnection
+from services.runtime.kafka import DELIVERY_REQUESTS
+from services.runtime.metrics import Metrics
+from services.runtime.outbox import enqueue_many
+
+__all__ = ["RETRY_DELAY", "Engine", "idempotency_key"]
+
+log = logging.getLogger(__name__)
+
+#: How long a customer whose step needs an unavailable service waits before trying again.
+RETRY_DELAY = timedelta(seconds=15)
+#: Steps one customer may take in one claim (a guard; Validate refuses instant cycles).
+MAX_STEPS_PER_CLAIM = 100
+DEFAULT_RESULT_TIMEOUT = timedelta(hours=1)
+DEFAULT_WEBHOOK_TIMEOUT = 10.0
+_LIQUID = Environment()
+#: Engagements that satisfy a wait for each kind (a click implies the message was opened).
+ENGAGEMENT_STATUSES = {
+    jpb.Engagement.KIND_DELIVERED: ("delivered", "opened", "clicked"),
+    jpb.Engagement.KIND_OPENED: ("opened", "clicked"),
+    jpb.Engagement.KIND_CLICKED: ("clicked",),
+}
+_ENGAGEMENT_NAMES = {
+    jpb.Engagement.KIND_DELIVERED: "delivered",
+    jpb.Engagement.KIND_OPENED: "opened",
+    jpb.Engagement.KIND_CLICKED: "clicked",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _timestamp(moment: datetime) -> Timestamp:
+    # One claim shares one "now"; messages copy it on assignment, so sharing is safe.
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def idempotency_key(inst: Instance) -> str:
+    """The key of the send at the customer's current step."""
+    return f"{inst.journey_id}/{inst.user_id}/{inst.visit}/{inst.node_id}/{inst.seq}"
+
+
+def _duration(value: Any) -> timedelta:
+    return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+@dataclass
+class Effects:
+    """What one claim writes besides the customers' rows."""
+
+    steps: dict[tuple[str, uuid.UUID, uuid.UUID, int, int], StepRow] = field(default_factory=dict)
+    sends: list[tuple[str, SendRequest]] = field(default_factory=list)
+
+    def step(self, row: StepRow) -> None:
+        # One row per step: an arrival and its departure in the same claim become one upsert.
+        self.steps[(row.app_id, row.journey_id, row.user_id, row.visit, row.seq)] = row
+
+
+class ProfileLoader:
+    """Profiles for one claim, fetched with one BatchGetUsers per app however many ask."""
+
+    def __init__(self, peers: Peers) -> None:
+        self._peers = peers
+        self._futures: dict[tuple[str, uuid.UUID], asyncio.Future[user_pb2.User | None]] = {}
+        self._pending: dict[str, list[uuid.UUID]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, app_id: str, user_id: uuid.UUID) -> user_pb2.User | None:
+        """The customer's profile, or None when identity has no such user."""
+        key = (app_id, user_id)
+        future = self._futures.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._futures[key] = loop.create_future()
+            if not self._pending:
+                loop.call_soon(self._flush)
+            self._pending.setdefault(app_id, []).append(user_id)
+        return await asyncio.shield(future)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for app_id, user_ids in pending.items():
+            task = asyncio.get_running_loop().create_task(self._load(app_id, user_ids))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, app_id: str, user_ids: list[uuid.UUID]) -> None:
+        try:
+            found = await self._peers.get_users(app_id, user_ids)
+        except Exception as exc:
+            for user_id in user_ids:
+                future = self._futures.pop((app_id, user_id))
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # seen: each waiter re-raises its own copy
+            return
+        for user_id in user_ids:
+            future = self._futures[(app_id, user_id)]
+            if not future.done():
+                future.set_result(found.get(user_id))
+
+
+#: Node kinds whose run calls another service (identity, an HTTP endpoint, the database).
+_CALLING = frozenset({"branch", "delay", "webhook", "update_profile", "wait_for_event"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Graph:
+    """A journey version as one claim sees it: the journey's state and its nodes by id."""
+
+    state: str
+    nodes: dict[str, jpb.Node]
+
+
+class _Retry(Exception):
+    """The step needs a service that is unavailable now."""
+
+
+class Engine:
+    """Claims due customers and steps them; run :meth:`run` in as many workers as wanted.
+
+    Args:
+        settings: Batch size and idle wait.
+        pool: The journey database.
+        catalog: Journeys and definitions.
+        peers: Identity and delivery.
+        clock: The engine's clock (see ``TIDINGS_CLOCK_OFFSET_SECONDS``).
+        metrics: Where to count steps and timer lag.
+    """
+
+    def __init__(
+        self,
+        settings: JourneySettings,
+        pool: Any,
+        catalog: Catalog,
+        peers: Peers,
+        clock: Clock,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._catalog = catalog
+        self._peers = peers
+        self._clock = clock
+        self._steps, self._lag, self._sends = _metrics(metrics)
+        self._wake = asyncio.Event()
+
+    def nudge(self) -> None:
+        """New work is due now: wake idle workers of this process."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and step until cancelled."""
+        while True:
+            claimed = await self.step_once()
+            claimed += await self.enter_due_birthdays()
+            if claimed == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.engine_idle_wait)
+
+    async def step_once(self) -> int:
+        """One claim: step up to a batch of due customers; returns how many were claimed."""
+        now = self._clock()
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await instances_store.claim_due(conn, now, self._settings.engine_batch)
+            if not claimed:
+                return 0
+            if self._lag is not None:
+                for inst in claimed:
+                    if inst.wake_at is not None:
+                        self._lag.observe(max(0.0, (now - inst.wake_at).total_seconds()))
+            effects = Effects()
+            advanced = await self.step_instances(conn, claimed, effects, now)
+            await instances_store.save_instances(conn, advanced)
+            await instances_store.upsert_steps(conn, list(effects.steps.values()))
+            await enqueue_many(conn, DELIVERY_REQUESTS, effects.sends)
+        self._count(effects)
+        return len(claimed)
+
+    async def step_entered(
+        self, conn: DBConnection, entered: list[Instance], first_steps: list[StepRow], now: datetime
+    ) -> tuple[list[Instance], list[StepRow], list[tuple[str, SendRequest]]]:
+        """Run customers who just entered (in the entry's transaction) until they wait or leave:
+        entering and the first steps are one transition, written once."""
+        effects = Effects()
+        for step in first_steps:
+            effects.step(step)
+        advanced = await self.step_instances(conn, entered, effects, now, state="active")
+        self._count(effects)
+        return advanced, list(effects.steps.values()), effects.sends
+
+    def _count(self, effects: Effects) -> None:
+        if self._steps is not None:
+            self._steps.inc(len(effects.steps))
+        if self._sends is not None and effects.sends:
+            self._sends.inc(len(effects.sends))
+
+    async def step_instances(
+        self,
+        conn: DBConnection,
+        instances: list[Instance],
+        effects: Effects,
+        now: datetime,
+        *,
+        state: str | None = None,
+    ) -> list[Instance]:
+        """Advance locked customers; their new rows (the caller writes them and ``effects``).
+
+        Args:
+            conn: The transaction holding the customers' rows.
+            instances: The customers.
+            effects: Collects path steps and sends.
+            now: The engine's time.
+            state: The journeys' state when the caller already holds it (entries); otherwise
+                read here, locked ``FOR SHARE`` so Pause/Resume/Stop wait for this claim.
+        """
+        journeys = {(i.app_id, i.journey_id) for i in instances}
+        if state is None:
+            states = await journey_states(conn, journeys)
+        else:
+            states = dict.fromkeys(journeys, state)
+        loader = ProfileLoader(self._peers)
+        graphs: dict[tuple[str, uuid.UUID, int], _Graph] = {}
+        for inst in instances:
+            key = (inst.app_id, inst.journey_id, inst.version)
+            if key not in graphs:
+                definition = await self._catalog.definition(*key)
+                graphs[key] = _Graph(
+                    states.get((inst.app_id, inst.journey_id), "gone"),
+                    {node.node_id: node for node in definition.nodes},
+                )
+        # Customers whose next node calls another service are stepped concurrently (their
+        # profile reads share one BatchGetUsers); the others, the bulk of a big batch, one
+        # after the other without a task each.
+        advanced: list[Instance] = []
+        calling: list[Instance] = []
+        for inst in instances:
+            graph = graphs[(inst.app_id, inst.journey_id, inst.version)]
+            node = graph.nodes.get(inst.node_id)
+            if inst.status == "active" and node is not None and node_kind(node) in _CALLING:
+                calling.append(inst)
+            else:
+                advanced.append(await self._advance(inst, graph, effects, loader, now))
+        if calling:
+            advanced.extend(
+                await asyncio.gather(
+                    *(
+                        self._advance(
+                            inst,
+                            graphs[(inst.app_id, inst.journey_id, inst.version)],
+                            effects,
+                            loader,
+                            now,
+                        )
+                        for inst in calling
+                    )
+                )
+            )
+        return advanced
+
+    # -- one customer ----------------------------------------------------------------------------
+
+    async def _advance(
+        self,
+        original: Instance,
+        graph: _Graph,
+        effects: Effects,
+        loader: ProfileLoader,
+        now: datetime,
+    ) -> Instance:
+        inst = original.copy()
+        if graph.state == "paused":
+            inst.parked_wake_at, inst.wake_at = inst.wake_at or now, None
+            return inst
+        if graph.state == "gone":
+            self._finish(inst, effects, "(stopped)", now)
+            return inst
+        nodes = graph.nodes
+        try:
+            for _ in range(MAX_STEPS_PER_CLAIM):
+                node = nodes.get(inst.node_id)
+                if node is None:
+                    self._finish(inst, effects, "(removed)", now)
+                    return inst
+                if inst.status == "waiting":
+                    self._leave(
+                        inst, node, inst.pending_output or _timeout_output(node), effects, now
+                    )
+                elif inst.status == "active":
+                    taken = await self._run_node(inst, node, effects, loader, now)
+                    if taken is None:
+                        return inst  # waits now
+                    self._leave(inst, node, taken, effects, now)
+                if not inst.inside:
+                    return inst
+            return inst  # a long instant run: continue at the next claim (still due now)
+        except _Retry as retry:
+            log.warning(
+                "journey %s: customer %s waits at %s: %s",
+                inst.journey_id,
+                inst.user_id,
+                inst.node_id,
+                retry,
+            )
+            inst.status, inst.wake_at = "active", now + RETRY_DELAY
+            return inst
+        except Exception:
+            # A bug or bad data must not stall every customer claimed with this one: this
+            # customer stays where they were (nothing of this step is written) and is retried.
+            log.exception(
+                "journey %s: stepping customer %s at %s failed",
+                inst.journey_id,
+                inst.user_id,
+                original.node_id,
+            )
+            for key in [k for k in effects.steps if k[1:3] == (inst.journey_id, inst.user_id)]:
+                del effects.steps[key]
+            effects.sends[:] = [
+                s
+                for s in effects.sends
+                if not s[1].idempotency_key.startswith(f"{inst.journey_id}/{inst.user_id}/")
+            ]
+            again = original.copy()
+            again.wake_at = now + RETRY_DELAY
+            return again
+
+    def _leave(
+        self, inst: Instance, node: jpb.Node, output: str, effects: Effects, now: datetime
+    ) -> None:
+        """Close the current step with ``output`` and arrive where it leads (or leave)."""
+        effects.step(_step(inst, output, now))
+        target = node.next.get(output, "") if output and not output.startswith("(") else ""
+        if not target:
+            inst.status, inst.wake_at, inst.exit_time = "exited", None, now
+            inst.waiting_for, inst.pending_output = "", ""
+            return
+        inst.seq += 1
+        inst.node_id, inst.node_enter_time = target, now
+        inst.status, inst.wake_at, inst.waiting_for, inst.pending_output = "active", now, "", ""
+        effects.step(_step(inst, "", now, open_=True))
+
+    def _finish(self, inst: Instance, effects: Effects, output: str, now: datetime) -> None:
+        effects.step(_step(inst, output, now))
+        inst.status, inst.wake_at, inst.parked_wake_at, inst.exit_time = "exited", None, None, now
+        inst.waiting_for, inst.pending_output = "", ""
+
+    def _wait(self, inst: Instance, waiting_for: str, until: datetime) -> None:
+        inst.status, inst.waiting_for, inst.wake_at = "waiting", waiting_for, until
+
+    async def _run_node(
+        self,
+        inst: Instance,
+        node: jpb.Node,
+        effects: Effects,
+        loader: ProfileLoader,
+        now: datetime,
+    ) -> str | None:
+        """Run the node the customer just reached: the output to take, or None if waiting."""
+        kind = node_kind(node)
+        if kind == "send":
+            effects.sends.append((str(inst.user_id), self._send_request(inst, node, now)))
+            if not node.send.wait_for_result:
+                return "next"
+            timeout = (
+                _duration(node.send.result_timeout)
+                if node.send.HasField("result_timeout")
+                else DEFAULT_RESULT_TIMEOUT
+            )
+            self._wait(inst, f"result:{idempotency_key(inst)}", now + timeout)
+            return None
+        if kind == "exit":
+            return "(exit)"
+        if kind == "split":
+            return choose_branch(inst.journey_id, inst.user_id, node.split.branches)
+        if kind == "wait_for_event":
+            return await self._wait_for_event(inst, node.wait_for_event, now)
+        if kind == "retarget":
+            retarget = node.retarget
+            self._wait(inst, f"retarget:{retarget.goal_event}", now + _duration(retarget.window))
+            return None
+        if kind == "delay":
+            return await self._delay(inst, node.delay, loader, now)
+        if kind == "branch":
+            user = await self._profile(inst, loader)
+            if user is None:
+                return "false"
+            held = await self._guard(
+                matches_profile(node.branch.condition, user, now, self._facts(inst))
+            )
+            return "true" if held else "false"
+        if kind == "webhook":
+            return await self._webhook(inst, node, loader)
+        if kind == "update_profile":
+            await self._guard(
+                self._peers.set_attributes(
+                    inst.app_id, inst.user_id, node.update_profile.attributes
+                )
+            )
+            return "next"
+        return "(exit)"
+
+    async def _guard(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except PeerUnavailable as exc:
+            raise _Retry(str(exc)) from None
+
+    async def _profile(self, inst: Instance, loader: ProfileLoader) -> user_pb2.User | None:
+        return await self._guard(loader.get(inst.app_id, inst.user_id))  # type: ignore[no-any-return]
+
+    def _facts(self, inst: Instance) -> ProfileFacts:
+        async def events(name: str, start: datetime | None, end: datetime | None) -> list[Any]:
+            return await self._peers.events(inst.app_id, inst.user_id, name, start, end)
+
+        async def is_member(segment_id: str) -> bool:
+            try:
+                return await self._peers.is_member(inst.app_id, segment_id, inst.user_id)
+            except PeerRefused:
+                return False
+
+        return ProfileFacts(events=events, is_member=is_member)
+
+    def _send_request(self, inst: Instance, node: jpb.Node, now: datetime) -> SendRequest:
+        key = idempotency_key(inst)
+        # The key is unique per send and the same on every retry: it is the event id too.
+        request = SendRequest(
+            event_id=key,
+            app_id=inst.app_id,
+            user_id=str(inst.user_id),
+            idempotency_key=key,
+            template_id=node.send.template_id,
+            channels=node.send.channels,
+            journey_id=str(inst.journey_id),
+            journey_node_id=inst.node_id,
+            occurred_at=_timestamp(now),
+        )
+        if inst.trigger_properties:
+            request.trigger_properties.update(inst.trigger_properties)
+        return request
+
+    async def _wait_for_event(
+        self, inst: Instance, wait: jpb.WaitForEventNode, now: datetime
+    ) -> str | None:
+        until = now + _duration(wait.timeout)
+        if wait.WhichOneof("awaited") == "event":
+            self._wait(inst, f"event:{wait.event.name}", until)
+            return None
+        engagement = wait.engagement
+        # The engagement may have come already (a fast click): look before waiting. A receipt
+        # committed after this look finds the customer waiting (the consumer locks the row).
+        async with self._pool.acquire() as conn:
+            found = await conn.fetchval(
+                """
+                SELECT 1 FROM send_receipts
+                WHERE journey_id = $1 AND user_id = $2 AND app_id = $3 AND node_id = $4
+                  AND idempotency_key LIKE $5 AND status = ANY($6::text[])
+                LIMIT 1
+                """,
+                inst.journey_id,
+                inst.user_id,
+                inst.app_id,
+                engagement.send_node_id,
+                f"{inst.journey_id}/{inst.user_id}/{inst.visit}/%",
+                list(ENGAGEMENT_STATUSES[engagement.kind]),
+            )
+        if found:
+            return "event"
+        name = _ENGAGEMENT_NAMES[engagement.kind]
+        self._wait(inst, f"engagement:{engagement.send_node_id}:{name}", until)
+        return None
+
+    async def _delay(
+        self, inst: Instance, delay: jpb.DelayNode, loader: ProfileLoader, now: datetime
+    ) -> str | None:
+        kind = delay.WhichOneof("kind")
+        user = await self._profile(inst, loader)
+        zone = schedule.zone_of(user.timezone if user is not None else "")
+        if kind == "duration":
+            until = schedule.add_delay(now, _duration(delay.duration), zone)
+        elif kind == "until_local_time":
+            local = delay.until_local_time
+            until = schedule.next_local_time(
+                now, time(local.time.hours, local.time.minutes), set(local.days), zone
+            )
+        else:
+            name = delay.until_date_attribute.attribute.removeprefix("attributes.")
+            value = (
+                value_of(user.attributes[name])
+                if user is not None and name in user.attributes
+                else None
+            )
+            if not isinstance(value, datetime):
+                return "next"
+            until = value + _duration(delay.until_date_attribute.offset)
+        if until <= now:
+            return "next"
+        self._wait(inst, "timer", until)
+        return None
+
+    async def _webhook(self, inst: Instance, node: jpb.Node, loader: ProfileLoader) -> str:
+        hook = node.webhook
+        user = await self._profile(inst, loader)
+        context = {
+            "user": _template_user(user),
+            "event": inst.trigger_properties,
+            "journey": {"id": str(inst.journey_id), "node_id": inst.node_id},
+        }
+        try:
+            call = WebhookCall(
+                method=(hook.method or "POST").upper(),
+                url=_LIQUID.from_string(hook.url).render(**context),
+                body=_LIQUID.from_string(hook.body).render(**context),
+                headers={
+                    name: _LIQUID.from_string(value).render(**context)
+                    for name, value in hook.headers.items()
+                },
+                timeout=(
+                    _duration(hook.timeout).total_seconds()
+                    if hook.HasField("timeout")
+                    else DEFAULT_WEBHOOK_TIMEOUT
+                ),
+                secret=hook.secret,
+                idempotency_key=idempotency_key(inst),
+            )
+        except LiquidError as exc:
+            log.warning("webhook %s of journey %s: %s", inst.node_id, inst.journey_id, exc)
+            return "failure"
+        result = await call_webhook(call, allow_private=self._settings.webhook_allow_private)
+        if not result.success:
+            log.info(
+                "webhook %s of journey %s failed: %s %s",
+                inst.node_id,
+                inst.journey_id,
+                result.status,
+                result.detail,
+            )
+        return "success" if result.success else "failure"
+
+    # -- birthdays ------------------------------------------------------------------------------
+
+    async def enter_due_birthdays(self) -> int:
+        """Enter customers whose birthday entry came due; schedule their next year."""
+        now = self._clock()
+        async with self._pool.acquire() as conn, conn.transaction():
+            due = await conn.fetch(
+                """
+                SELECT app_id, journey_id, user_id, trigger_id, birth_month, birth_day, timezone
+                FROM entry_timers WHERE due_at <= $1
+                ORDER BY due_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+                """,
+                now,
+                self._settings.engine_batch,
+            )
+            if not due:
+                return 0
+            by_journey: dict[tuple[str, uuid.UUID], list[Any]] = {}
+            for row in due:
+                by_journey.setdefault((row["app_id"], row["journey_id"]), []).append(row)
+            updates: list[tuple[str, uuid.UUID, uuid.UUID, datetime, str]] = []
+            for (app_id, journey_id), rows in by_journey.items():
+                live = (await self._catalog.live()).get((app_id, journey_id))
+                definition = live.definition if live is not None else None
+                if definition is None or definition.entry.WhichOneof("kind") != "birthday":
+                    continue
+                await enter(
+                    conn,
+                    app_id,
+                    journey_id,
+                    self._catalog.definition,
+                    [Candidate(r["user_id"], r["trigger_id"]) for r in rows],
+                    now,
+                    stepper=self.step_entered,
+                )
+                birthday = definition.entry.birthday
+                at = _entry_time(birthday)
+                for r in rows:
+                    year = int(r["trigger_id"].split(":", 1)[1])
+                    next_due, next_year = schedule.birthday_entry(
+                        now,
+                        schedule.zone_of(r["timezone"]),
+                        r["birth_month"],
+                        r["birth_day"],
+                        birthday.days_offset,
+                        at,
+                        after_year=year,
+                    )
+                    updates.append(
+                        (app_id, journey_id, r["user_id"], next_due, f"birthday:{next_year}")
+                    )
+            await conn.execute(
+                """
+                UPDATE entry_timers t SET due_at = u.due_at, trigger_id = u.trigger_id
+                FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[])
+                     AS u(app_id, journey_id, user_id, due_at, trigger_id)
+                WHERE t.app_id = u.app_id AND t.journey_id = u.journey_id
+                  AND t.user_id = u.user_id
+                """,
+                *(list(column) for column in zip(*updates, strict=True))
+                if updates
+                else ([], [], [], [], []),
+            )
+        self.nudge()
+        return len(due)
+
+
+async def journey_states(
+    conn: DBConnection, journeys: set[tuple[str, uuid.UUID]]
+) -> dict[tuple[str, uuid.UUID], str]:
+    """The current state of journeys, read ``FOR SHARE`` (lifecycle changes wait for us)."""
+    records = await conn.fetch(
+        """
+        SELECT app_id, journey_id, state FROM journeys
+        WHERE (app_id, journey_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+        ORDER BY app_id, journey_id
+        FOR SHARE
+        """,
+        [j[0] for j in journeys],
+        [j[1] for j in journeys],
+    )
+    return {
+        (r["app_id"], r["journey_id"]): "gone"
+        if r["state"] not in ("active", "paused")
+        else r["state"]
+        for r in records
+    }
+
+
+def _entry_time(birthday: jpb.Entry.Birthday) -> time:
+    if birthday.HasField("local_time"):
+        return time(birthday.local_time.hours, birthday.local_time.minutes)
+    return time(9, 0)
+
+
+def _step(inst: Instance, output: str, now: datetime, *, open_: bool = False) -> StepRow:
+    return StepRow(
+        inst.app_id,
+        inst.journey_id,
+        inst.user_id,
+        inst.visit,
+        inst.seq,
+        inst.node_id,
+        output,
+        inst.node_enter_time,
+        None if open_ else now,
+    )
+
+
+def _timeout_output(node: jpb.Node) -> str:
+    kind = node_kind(node)
+    if kind == "send":
+        return "failed"
+    if kind == "wait_for_event":
+        return "timeout"
+    if kind == "retarget":
+        return "reminder"
+    return "next"
+
+
+def _template_user(user: user_pb2.User | None) -> dict[str, Any]:
+    if user is None:
+        return {}
+    fields = (
+        "user_id",
+        "external_id",
+        "first_name",
+        "last_name",
+        "email",
+        "phone",
+        "timezone",
+        "language",
+        "country",
+    )
+    result: dict[str, Any] = {name: getattr(user, name) for name in fields}
+    result["attributes"] = {
+        name: (v.isoformat() if isinstance(v := value_of(value), datetime) else v)
+        for name, value in user.attributes.items()
+    }
+    return result
+
+
+_METRICS: dict[int, tuple[Counter, Histogram, Counter]] = {}
+
+
+def _metrics(metrics: Metrics | None) -> tuple[Counter | None, Histogram | None, Counter | None]:
+    if metrics is None:
+        return None, None, None
+    key = id(metrics)
+    if key not in _METRICS:
+        _METRICS[key] = (
+            Counter(
+                "journey_steps_total",
+                "Path steps written by the engine (arrivals and departures).",
+                registry=metrics.registry,
+            ),
+            Histogram(
+                "journey_wake_lag_seconds",
+                "How late claimed customers were stepped after their wake time.",
+                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+                registry=metrics.registry,
+            ),
+            Counter(
+                "journey_sends_total",
+                "Send requests written to the outbox by the engine.",
+                registry=metrics.registry,
+            ),
+        )
+    return _METRICS[key]

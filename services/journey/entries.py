@@ -1,0 +1,219 @@
+"""Entering customers into a journey: idempotency, re-entry, concurrency and schedule rules.
+
+Every way in (AddCustomers, a CSV upload, the activation audience, a segment fact, a custom
+event, a birthday) comes down to :func:`enter`, inside the caller's transaction:
+
+1. the journey row is locked (``FOR SHARE``, or ``FOR UPDATE`` when a concurrency limit must be
+   counted) and must be active: Pause/Stop wait for entries in flight and vice versa;
+2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``);
+3. a customer inside is refused (``ALREADY_INSIDE``); one who left is refused by the re-entry
+   rule (``REENTRY_REFUSED``: once, or within the cooldown since the last entry); entries past
+   the limit of customers inside are refused (``CONCURRENCY_LIMIT``), and so is every entry
+   outside the entry schedule (``OUTSIDE_SCHEDULE``);
+4. every attempt is recorded in ``entries`` (the refusals are statistics), and those who entered
+   stand at the start node, due now, with the first step of their path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from tidings.events.v1.send_request_pb2 import SendRequest
+from tidings.journey.v1 import journey_pb2 as jpb
+
+from services.journey import instances_store
+from services.journey.instances_store import Instance, StepRow
+from services.runtime.db import DBConnection
+from services.runtime.kafka import DELIVERY_REQUESTS
+from services.runtime.outbox import enqueue_many
+
+__all__ = ["ENTERED", "Candidate", "Stepper", "enter"]
+
+ENTERED = "ENTERED"
+
+
+class Stepper(Protocol):
+    """Runs customers who just entered until they wait or leave (the engine's
+    ``step_entered``): their rows, all path steps, and the sends to request."""
+
+    async def __call__(
+        self, conn: DBConnection, entered: list[Instance], first_steps: list[StepRow], now: datetime
+    ) -> tuple[list[Instance], list[StepRow], list[tuple[str, SendRequest]]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """Someone who may enter, and what triggered it."""
+
+    user_id: uuid.UUID
+    trigger_id: str
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+def _cooldown(definition: jpb.JourneyDefinition) -> timedelta:
+    c = definition.reentry.cooldown
+    return timedelta(seconds=c.seconds, microseconds=c.nanos // 1000)
+
+
+def _outside_schedule(definition: jpb.JourneyDefinition, at: datetime) -> bool:
+    nanos = int(at.timestamp() * 1e9)
+    if (
+        definition.HasField("entry_start_time")
+        and nanos < definition.entry_start_time.ToNanoseconds()
+    ):
+        return True
+    return (
+        definition.HasField("entry_end_time") and nanos >= definition.entry_end_time.ToNanoseconds()
+    )
+
+
+async def enter(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    definitions: Any,
+    candidates: Sequence[Candidate],
+    at: datetime,
+    *,
+    stepper: Stepper | None = None,
+) -> list[str]:
+    """Enter ``candidates`` into the journey's active version; an outcome per candidate.
+
+    Args:
+        conn: A connection inside the caller's transaction.
+        app_id: The app.
+        journey_id: The journey.
+        definitions: ``async (app_id, journey_id, version) -> JourneyDefinition`` (a cache).
+        candidates: Who, with which trigger; a user listed twice enters at most once.
+        at: Now (the engine's clock).
+        stepper: Runs the entered customers' first steps in this transaction (the engine);
+            without it they wait at the start node, due now, for a claim.
+
+    Returns:
+        ``ENTERED`` or the refusal reason, in the order of ``candidates``.
+    """
+    if not candidates:
+        return []
+    row = await conn.fetchrow(
+        "SELECT state, active_version FROM journeys WHERE app_id = $1 AND journey_id = $2"
+        " FOR SHARE",
+        app_id,
+        journey_id,
+    )
+    if row is None or row["state"] != "active":
+        return ["JOURNEY_NOT_ACTIVE"] * len(candidates)
+    version = int(row["active_version"])
+    definition: jpb.JourneyDefinition = await definitions(app_id, journey_id, version)
+    limit = definition.max_concurrent_customers
+    if _outside_schedule(definition, at):
+        refused = ["OUTSIDE_SCHEDULE"] * len(candidates)
+        await instances_store.insert_entries(
+            conn, app_id, journey_id, _unique_rows(candidates, refused), at
+        )
+        return refused
+    if limit > 0:
+        # Counting needs the entries of other transactions to be in: serialise them.
+        await conn.execute(
+            "SELECT 1 FROM journeys WHERE app_id = $1 AND journey_id = $2 FOR UPDATE",
+            app_id,
+            journey_id,
+        )
+    pairs = [(c.user_id, c.trigger_id) for c in candidates]
+    seen = await instances_store.seen_triggers(conn, app_id, journey_id, pairs)
+    existing = await instances_store.lock_instances(
+        conn, app_id, journey_id, list({c.user_id for c in candidates})
+    )
+    inside = await instances_store.count_inside(conn, app_id, journey_id) if limit > 0 else 0
+    mode = definition.reentry.mode
+    cooldown = _cooldown(definition)
+    outcomes: list[str] = []
+    taken: set[uuid.UUID] = set()
+    for candidate in candidates:
+        before = existing.get(candidate.user_id)
+        if (candidate.user_id, candidate.trigger_id) in seen:
+            outcome = "DUPLICATE_TRIGGER"
+        elif candidate.user_id in taken or (before is not None and before.inside):
+            outcome = "ALREADY_INSIDE"
+        elif (
+            before is not None
+            and before.counts_for_reentry
+            and (
+                mode in (jpb.ReentryPolicy.MODE_UNSPECIFIED, jpb.ReentryPolicy.MODE_ONCE)
+                or (
+                    mode == jpb.ReentryPolicy.MODE_AFTER_COOLDOWN
+                    and at - before.enter_time < cooldown
+                )
+            )
+        ):
+            outcome = "REENTRY_REFUSED"
+        elif limit > 0 and inside >= limit:
+            outcome = "CONCURRENCY_LIMIT"
+        else:
+            outcome = ENTERED
+            inside += 1
+            taken.add(candidate.user_id)
+        outcomes.append(outcome)
+    inserted = await instances_store.insert_entries(
+        conn, app_id, journey_id, _unique_rows(candidates, outcomes), at
+    )
+    start = definition.start_node_id
+    entered: list[Instance] = []
+    for index, candidate in enumerate(candidates):
+        if outcomes[index] != ENTERED:
+            continue
+        if (candidate.user_id, candidate.trigger_id) not in inserted:
+            outcomes[index] = "DUPLICATE_TRIGGER"  # a concurrent twin recorded it first
+            continue
+        before = existing.get(candidate.user_id)
+        entered.append(
+            Instance(
+                app_id,
+                journey_id,
+                candidate.user_id,
+                before.visit + 1 if before is not None else 1,
+                version,
+                start,
+                "active",
+                "",
+                at,
+                None,
+                "",
+                1,
+                at,
+                at,
+                None,
+                candidate.trigger_id,
+                candidate.properties,
+                True,
+            )
+        )
+    if not entered:
+        return outcomes
+    steps = [
+        StepRow(app_id, journey_id, i.user_id, i.visit, 1, start, "", at, None) for i in entered
+    ]
+    sends: Sequence[tuple[str, Any]] = ()
+    if stepper is not None:
+        entered, steps, sends = await stepper(conn, entered, steps, at)
+    await instances_store.upsert_instances(conn, entered)
+    await instances_store.upsert_steps(conn, steps)
+    await enqueue_many(conn, DELIVERY_REQUESTS, list(sends))
+    return outcomes
+
+
+def _unique_rows(
+    candidates: Sequence[Candidate], outcomes: Sequence[str]
+) -> list[tuple[uuid.UUID, str, str]]:
+    rows: dict[tuple[uuid.UUID, str], str] = {}
+    for candidate, outcome in zip(candidates, outcomes, strict=True):
+        if outcome == "DUPLICATE_TRIGGER":
+            continue
+        key = (candidate.user_id, candidate.trigger_id)
+        # An ENTERED twin wins over its refused repeats within one call.
+        if key not in rows or outcome == ENTERED:
+            rows[key] = outcome
+    return [(user, trigger, outcome) for (user, trigger), outcome in rows.items()]

@@ -1,0 +1,522 @@
+"""SQL for the engine's state: ``instances``, ``path_steps``, ``entries``, ``send_receipts``.
+
+Set-based: a batch of customers travels as parallel arrays through ``unnest``, one statement
+per batch. Every statement is scoped by ``app_id``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from services.runtime.db import DBConnection
+
+__all__ = [
+    "Instance",
+    "StepRow",
+    "claim_due",
+    "exit_all",
+    "insert_entries",
+    "lock_instances",
+    "park",
+    "save_instances",
+    "seen_triggers",
+    "unpark",
+    "upsert_steps",
+]
+
+ACTIVE_STATUSES = ("active", "waiting")
+
+
+@dataclass(slots=True)
+class Instance:
+    """One customer in one journey (a row of ``instances``)."""
+
+    app_id: str
+    journey_id: uuid.UUID
+    user_id: uuid.UUID
+    visit: int
+    version: int
+    node_id: str
+    status: str
+    waiting_for: str
+    wake_at: datetime | None
+    parked_wake_at: datetime | None
+    pending_output: str
+    seq: int
+    enter_time: datetime
+    node_enter_time: datetime
+    exit_time: datetime | None
+    trigger_id: str
+    trigger_properties: dict[str, Any] = field(default_factory=dict)
+    counts_for_reentry: bool = True
+
+    def copy(self) -> Instance:
+        """A copy to change."""
+        # Positional: several times cheaper than dataclasses.replace, and this runs per step.
+        return Instance(
+            self.app_id,
+            self.journey_id,
+            self.user_id,
+            self.visit,
+            self.version,
+            self.node_id,
+            self.status,
+            self.waiting_for,
+            self.wake_at,
+            self.parked_wake_at,
+            self.pending_output,
+            self.seq,
+            self.enter_time,
+            self.node_enter_time,
+            self.exit_time,
+            self.trigger_id,
+            self.trigger_properties,
+            self.counts_for_reentry,
+        )
+
+    @property
+    def inside(self) -> bool:
+        """Whether the customer is still in the journey."""
+        return self.status in ACTIVE_STATUSES
+
+
+_COLUMNS = (
+    "app_id, journey_id, user_id, visit, version, node_id, status, waiting_for, wake_at, "
+    "parked_wake_at, pending_output, seq, enter_time, node_enter_time, exit_time, trigger_id, "
+    "trigger_properties, counts_for_reentry"
+)
+
+
+def _instance(record: Any) -> Instance:
+    return Instance(**dict(record))
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A path step to write: a new arrival, or the departure of an open one."""
+
+    app_id: str
+    journey_id: uuid.UUID
+    user_id: uuid.UUID
+    visit: int
+    seq: int
+    node_id: str
+    output: str
+    enter_time: datetime
+    exit_time: datetime | None
+
+
+async def claim_due(conn: DBConnection, now: datetime, limit: int) -> list[Instance]:
+    """Lock up to ``limit`` customers whose wake time has come, oldest first.
+
+    ``SKIP LOCKED``: rows another replica (or a consumer) holds are left to it. The caller steps
+    them and saves them in the same transaction.
+    """
+    records = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM instances
+        WHERE wake_at <= $1
+        ORDER BY wake_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+        """,
+        now,
+        limit,
+    )
+    return [_instance(r) for r in records]
+
+
+async def lock_instances(
+    conn: DBConnection, app_id: str, journey_id: uuid.UUID, user_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Instance]:
+    """The rows of these customers in one journey, locked (missing ones left out)."""
+    records = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM instances
+        WHERE app_id = $1 AND journey_id = $2 AND user_id = ANY($3::uuid[])
+        ORDER BY user_id
+        FOR UPDATE
+        """,
+        app_id,
+        journey_id,
+        list(user_ids),
+    )
+    return {r["user_id"]: _instance(r) for r in records}
+
+
+async def lock_inside_of_users(
+    conn: DBConnection, pairs: Sequence[tuple[str, uuid.UUID]]
+) -> list[Instance]:
+    """Every journey these (app, user) customers are inside, locked."""
+    if not pairs:
+        return []
+    records = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM instances
+        WHERE (app_id, user_id) IN (
+            SELECT * FROM unnest($1::text[], $2::uuid[])
+        ) AND status IN ('active', 'waiting')
+        ORDER BY app_id, journey_id, user_id
+        FOR UPDATE
+        """,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return [_instance(r) for r in records]
+
+
+async def get_instance(
+    conn: DBConnection, app_id: str, journey_id: uuid.UUID, user_id: uuid.UUID
+) -> Instance | None:
+    """One customer's row."""
+    record = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM instances WHERE app_id = $1 AND journey_id = $2 AND user_id = $3",
+        app_id,
+        journey_id,
+        user_id,
+    )
+    return None if record is None else _instance(record)
+
+
+async def list_instances(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    node_id: str,
+    after: uuid.UUID | None,
+    limit: int,
+) -> list[Instance]:
+    """Customers of a journey by user id (at one node, inside, when ``node_id`` is set)."""
+    records = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM instances
+        WHERE app_id = $1 AND journey_id = $2
+          AND ($3 = '' OR (node_id = $3 AND status IN ('active', 'waiting')))
+          AND ($4::uuid IS NULL OR user_id > $4)
+        ORDER BY user_id
+        LIMIT $5
+        """,
+        app_id,
+        journey_id,
+        node_id,
+        after,
+        limit,
+    )
+    return [_instance(r) for r in records]
+
+
+async def path_of(
+    conn: DBConnection, app_id: str, journey_id: uuid.UUID, user_id: uuid.UUID, visit: int
+) -> list[StepRow]:
+    """The steps of one visit, oldest first."""
+    records = await conn.fetch(
+        """
+        SELECT app_id, journey_id, user_id, visit, seq, node_id, output, enter_time, exit_time
+        FROM path_steps
+        WHERE app_id = $1 AND journey_id = $2 AND user_id = $3 AND visit = $4
+        ORDER BY seq
+        """,
+        app_id,
+        journey_id,
+        user_id,
+        visit,
+    )
+    return [StepRow(**dict(r)) for r in records]
+
+
+# What moving through a journey changes (visit, version, entry and trigger are fixed for a
+# visit and written by entry).
+_SAVE = """
+UPDATE instances AS i SET
+    node_id = s.node_id, status = s.status, waiting_for = s.waiting_for, wake_at = s.wake_at,
+    parked_wake_at = s.parked_wake_at, pending_output = s.pending_output, seq = s.seq,
+    node_enter_time = s.node_enter_time, exit_time = s.exit_time,
+    counts_for_reentry = s.counts_for_reentry
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::int[], $11::timestamptz[],
+            $12::timestamptz[], $13::boolean[])
+     AS s(app_id, journey_id, user_id, node_id, status, waiting_for, wake_at, parked_wake_at,
+          pending_output, seq, node_enter_time, exit_time, counts_for_reentry)
+WHERE i.app_id = s.app_id AND i.journey_id = s.journey_id AND i.user_id = s.user_id
+"""
+
+
+def _columns(instances: Sequence[Instance], names: Sequence[str]) -> list[list[Any]]:
+    return [[getattr(i, name) for i in instances] for name in names]
+
+
+async def save_instances(conn: DBConnection, instances: Sequence[Instance]) -> None:
+    """Write back the state of existing rows (one statement)."""
+    if not instances:
+        return
+    await conn.execute(
+        _SAVE,
+        *_columns(
+            instances,
+            (
+                "app_id",
+                "journey_id",
+                "user_id",
+                "node_id",
+                "status",
+                "waiting_for",
+                "wake_at",
+                "parked_wake_at",
+                "pending_output",
+                "seq",
+                "node_enter_time",
+                "exit_time",
+                "counts_for_reentry",
+            ),
+        ),
+    )
+
+
+_UPSERT_ENTERED = """
+INSERT INTO instances (app_id, journey_id, user_id, visit, version, node_id, status,
+                       waiting_for, wake_at, parked_wake_at, pending_output, seq, enter_time,
+                       node_enter_time, exit_time, trigger_id, trigger_properties,
+                       counts_for_reentry)
+SELECT s.app_id, s.journey_id, s.user_id, s.visit, s.version, s.node_id, 'active', '', s.at,
+       NULL, '', 1, s.at, s.at, NULL, s.trigger_id, s.props, true
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::int[], $5::int[], $6::text[],
+            $7::timestamptz[], $8::text[], $9::jsonb[])
+     AS s(app_id, journey_id, user_id, visit, version, node_id, at, trigger_id, props)
+ON CONFLICT (app_id, journey_id, user_id) DO UPDATE SET
+    visit = excluded.visit, version = excluded.version, node_id = excluded.node_id,
+    status = 'active', waiting_for = '', wake_at = excluded.wake_at, parked_wake_at = NULL,
+    pending_output = '', seq = 1, enter_time = excluded.enter_time,
+    node_enter_time = excluded.node_enter_time, exit_time = NULL,
+    trigger_id = excluded.trigger_id, trigger_properties = excluded.trigger_properties,
+    counts_for_reentry = true
+"""
+
+
+async def insert_entered(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    version: int,
+    start_node: str,
+    entered: Sequence[tuple[uuid.UUID, int, str, dict[str, Any]]],
+    at: datetime,
+) -> None:
+    """Put customers at the start node (``(user_id, visit, trigger_id, properties)``), due now,
+    with the first step of their path."""
+    if not entered:
+        return
+    n = len(entered)
+    await conn.execute(
+        _UPSERT_ENTERED,
+        [app_id] * n,
+        [journey_id] * n,
+        [e[0] for e in entered],
+        [e[1] for e in entered],
+        [version] * n,
+        [start_node] * n,
+        [at] * n,
+        [e[2] for e in entered],
+        [e[3] for e in entered],
+    )
+    await upsert_steps(
+        conn,
+        [StepRow(app_id, journey_id, e[0], e[1], 1, start_node, "", at, None) for e in entered],
+    )
+
+
+_UPSERT_INSTANCES = """
+INSERT INTO instances (app_id, journey_id, user_id, visit, version, node_id, status,
+                       waiting_for, wake_at, parked_wake_at, pending_output, seq, enter_time,
+                       node_enter_time, exit_time, trigger_id, trigger_properties,
+                       counts_for_reentry)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::int[], $5::int[], $6::text[],
+                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[],
+                     $12::int[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[],
+                     $16::text[], $17::jsonb[], $18::boolean[])
+ON CONFLICT (app_id, journey_id, user_id) DO UPDATE SET
+    visit = excluded.visit, version = excluded.version, node_id = excluded.node_id,
+    status = excluded.status, waiting_for = excluded.waiting_for, wake_at = excluded.wake_at,
+    parked_wake_at = excluded.parked_wake_at, pending_output = excluded.pending_output,
+    seq = excluded.seq, enter_time = excluded.enter_time,
+    node_enter_time = excluded.node_enter_time, exit_time = excluded.exit_time,
+    trigger_id = excluded.trigger_id, trigger_properties = excluded.trigger_properties,
+    counts_for_reentry = excluded.counts_for_reentry
+"""
+
+_ALL_COLUMNS = tuple(name.strip() for name in _COLUMNS.split(","))
+
+
+async def upsert_instances(conn: DBConnection, instances: Sequence[Instance]) -> None:
+    """Write whole rows, new or replacing (a new visit), in one statement."""
+    if instances:
+        await conn.execute(_UPSERT_INSTANCES, *_columns(instances, _ALL_COLUMNS))
+
+
+_UPSERT_STEPS = """
+INSERT INTO path_steps (app_id, journey_id, user_id, visit, seq, node_id, output, enter_time,
+                        exit_time)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::int[], $5::int[], $6::text[],
+                     $7::text[], $8::timestamptz[], $9::timestamptz[])
+ON CONFLICT (app_id, journey_id, user_id, visit, seq) DO UPDATE SET
+    output = excluded.output, exit_time = excluded.exit_time
+"""
+
+
+async def upsert_steps(conn: DBConnection, steps: Sequence[StepRow]) -> None:
+    """Insert arrivals and close departures (one statement)."""
+    if not steps:
+        return
+    await conn.execute(
+        _UPSERT_STEPS,
+        *(
+            [getattr(s, name) for s in steps]
+            for name in (
+                "app_id",
+                "journey_id",
+                "user_id",
+                "visit",
+                "seq",
+                "node_id",
+                "output",
+                "enter_time",
+                "exit_time",
+            )
+        ),
+    )
+
+
+async def seen_triggers(
+    conn: DBConnection, app_id: str, journey_id: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
+) -> set[tuple[uuid.UUID, str]]:
+    """Which (user, trigger) pairs already tried to enter."""
+    if not pairs:
+        return set()
+    records = await conn.fetch(
+        """
+        SELECT e.user_id, e.trigger_id FROM entries e
+        JOIN unnest($3::uuid[], $4::text[]) AS p(user_id, trigger_id)
+          ON e.user_id = p.user_id AND e.trigger_id = p.trigger_id
+        WHERE e.app_id = $1 AND e.journey_id = $2
+        """,
+        app_id,
+        journey_id,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return {(r["user_id"], r["trigger_id"]) for r in records}
+
+
+async def insert_entries(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    rows: Sequence[tuple[uuid.UUID, str, str]],
+    at: datetime,
+) -> set[tuple[uuid.UUID, str]]:
+    """Record ``(user_id, trigger_id, outcome)`` attempts; returns the pairs inserted now (a
+    concurrent twin of a pair loses)."""
+    if not rows:
+        return set()
+    records = await conn.fetch(
+        """
+        INSERT INTO entries (app_id, journey_id, user_id, trigger_id, outcome, entry_time)
+        SELECT $1, $2, r.user_id, r.trigger_id, r.outcome, $6
+        FROM unnest($3::uuid[], $4::text[], $5::text[]) AS r(user_id, trigger_id, outcome)
+        ON CONFLICT DO NOTHING
+        RETURNING user_id, trigger_id
+        """,
+        app_id,
+        journey_id,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        at,
+    )
+    return {(r["user_id"], r["trigger_id"]) for r in records}
+
+
+async def count_inside(conn: DBConnection, app_id: str, journey_id: uuid.UUID) -> int:
+    """Customers inside a journey now."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM instances WHERE app_id = $1 AND journey_id = $2"
+            " AND status IN ('active', 'waiting')",
+            app_id,
+            journey_id,
+        )
+    )
+
+
+async def park(conn: DBConnection, app_id: str, journey_id: uuid.UUID) -> int:
+    """Pause: hold every customer's wake time (restored by :func:`unpark`)."""
+    result = await conn.execute(
+        """
+        UPDATE instances SET parked_wake_at = wake_at, wake_at = NULL
+        WHERE app_id = $1 AND journey_id = $2 AND wake_at IS NOT NULL
+        """,
+        app_id,
+        journey_id,
+    )
+    return int(result.split()[-1])
+
+
+async def unpark(conn: DBConnection, app_id: str, journey_id: uuid.UUID) -> int:
+    """Resume: what came due while paused is due now (late), the rest keeps its time."""
+    result = await conn.execute(
+        """
+        UPDATE instances SET wake_at = parked_wake_at, parked_wake_at = NULL
+        WHERE journey_id = $2 AND app_id = $1 AND parked_wake_at IS NOT NULL
+        """,
+        app_id,
+        journey_id,
+    )
+    return int(result.split()[-1])
+
+
+async def exit_all(
+    conn: DBConnection, app_id: str, journey_id: uuid.UUID, output: str, at: datetime
+) -> int:
+    """Take every customer out (closing their open step with ``output``)."""
+    await conn.execute(
+        """
+        UPDATE path_steps p SET output = $3, exit_time = $4
+        FROM instances i
+        WHERE i.app_id = $1 AND i.journey_id = $2 AND i.status IN ('active', 'waiting')
+          AND p.app_id = i.app_id AND p.journey_id = i.journey_id AND p.user_id = i.user_id
+          AND p.visit = i.visit AND p.seq = i.seq
+        """,
+        app_id,
+        journey_id,
+        output,
+        at,
+    )
+    result = await conn.execute(
+        """
+        UPDATE instances SET status = 'exited', wake_at = NULL, parked_wake_at = NULL,
+                             waiting_for = '', pending_output = '', exit_time = $3
+        WHERE app_id = $1 AND journey_id = $2 AND status IN ('active', 'waiting')
+        """,
+        app_id,
+        journey_id,
+        at,
+    )
+    return int(result.split()[-1])
+
+
+async def purge_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> None:
+    """Forget a user everywhere (GDPR erasure in identity)."""
+    for table in (
+        "instances",
+        "path_steps",
+        "entries",
+        "send_receipts",
+        "send_messages",
+        "entry_timers",
+    ):
+        await conn.execute(
+            f"DELETE FROM {table} WHERE app_id = $1 AND user_id = $2", app_id, user_id
+        )

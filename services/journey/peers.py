@@ -1,0 +1,281 @@
+"""Journey's calls to identity and delivery, and the credentials they are made with.
+
+Background work (the engine, the consumers) has no caller whose key it could forward, so each
+app's calls are made with a server key of that app: the key of the app's latest JourneyService
+call (creating, editing or activating a journey needs one), stored in ``app_credentials``. That
+is least privilege within journey's reach: one app, the scope the work needs, and the app can
+revoke it. Until an app has called journey, or after its key was revoked, identity refuses and
+the work waits (:class:`PeerUnavailable`); the next call with a valid key heals it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import grpc
+import grpc.aio
+from tidings.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
+from tidings.identity.v1 import identity_service_pb2 as ipb
+from tidings.identity.v1 import identity_service_pb2_grpc, segment_pb2, user_pb2, user_ref_pb2
+
+from services.journey.settings import JourneySettings
+
+__all__ = ["PeerRefused", "PeerUnavailable", "Peers"]
+
+#: Seconds one call to a peer may take.
+_TIMEOUT = 10.0
+#: How long a credential read from the database is trusted before reading again.
+_CREDENTIAL_TTL = 5.0
+_BATCH = 1000
+
+
+class PeerUnavailable(Exception):
+    """A peer could not answer now (down, or no valid key for the app): retry later."""
+
+
+class PeerRefused(Exception):
+    """A peer refused the request itself (not found, invalid): retrying will not help."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+def _translate(error: grpc.aio.AioRpcError) -> Exception:
+    code = error.code()
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    ):
+        return PeerUnavailable(f"{code.name}: {error.details()}")
+    return PeerRefused(code, error.details() or "")
+
+
+class Peers:
+    """Channels to identity and delivery and the per-app keys to call them with.
+
+    Args:
+        settings: Where identity and delivery are.
+        pool: Returns the journey database (``app_credentials``); asked per use, since the
+            pool exists only once start-up connected it.
+    """
+
+    def __init__(self, settings: JourneySettings, pool: Callable[[], asyncpg.Pool]) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._identity: Any = None
+        self._delivery: Any = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._keys: dict[str, tuple[float, str]] = {}
+        self._remembered: dict[str, str] = {}
+
+    # -- credentials --------------------------------------------------------------------------
+
+    async def remember_key(self, app_id: str, key_id: str, secret: str, at: datetime) -> None:
+        """Keep ``secret`` as the app's key for background calls (written only when it changed)."""
+        if self._remembered.get(app_id) == secret:
+            return
+        await self._pool().execute(
+            """
+            INSERT INTO app_credentials (app_id, key_id, secret, update_time)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (app_id) DO UPDATE
+            SET key_id = excluded.key_id, secret = excluded.secret,
+                update_time = excluded.update_time
+            """,
+            app_id,
+            key_id,
+            secret,
+            at,
+        )
+        self._remembered[app_id] = secret
+        self._keys[app_id] = (time.monotonic() + _CREDENTIAL_TTL, secret)
+
+    async def _metadata(self, app_id: str) -> tuple[tuple[str, str], ...]:
+        cached = self._keys.get(app_id)
+        if cached is None or cached[0] < time.monotonic():
+            secret = await self._pool().fetchval(
+                "SELECT secret FROM app_credentials WHERE app_id = $1", app_id
+            )
+            if secret is None:
+                raise PeerUnavailable(f"no server key of app {app_id} is known to journey yet")
+            cached = self._keys[app_id] = (time.monotonic() + _CREDENTIAL_TTL, str(secret))
+        return (("authorization", f"Bearer {cached[1]}"),)
+
+    # -- stubs --------------------------------------------------------------------------------
+
+    def _identity_stub(self) -> Any:
+        if self._identity is None:
+            channel = grpc.aio.insecure_channel(self._settings.identity_target)
+            self._channels.append(channel)
+            self._identity = identity_service_pb2_grpc.IdentityServiceStub(channel)
+        return self._identity
+
+    def _delivery_stub(self) -> Any:
+        if self._delivery is None:
+            channel = grpc.aio.insecure_channel(self._settings.delivery_target)
+            self._channels.append(channel)
+            self._delivery = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+        return self._delivery
+
+    async def _call(self, app_id: str, method: Any, request: Any) -> Any:
+        metadata = await self._metadata(app_id)
+        try:
+            return await method(request, metadata=metadata, timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from None
+
+    async def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels:
+            await channel.close(None)
+        self._channels.clear()
+        self._identity = self._delivery = None
+
+    # -- identity -----------------------------------------------------------------------------
+
+    async def get_users(
+        self, app_id: str, user_ids: Iterable[uuid.UUID]
+    ) -> dict[uuid.UUID, user_pb2.User]:
+        """Whole profiles of ``user_ids`` (missing ones left out)."""
+        ids = list(dict.fromkeys(user_ids))
+        found: dict[uuid.UUID, user_pb2.User] = {}
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
+            response = await self._call(
+                app_id,
+                self._identity_stub().BatchGetUsers,
+                ipb.BatchGetUsersRequest(
+                    refs=[user_ref_pb2.UserRef(user_id=str(u)) for u in chunk]
+                ),
+            )
+            for user_id, result in zip(chunk, response.results, strict=True):
+                if result.HasField("user"):
+                    found[user_id] = result.user
+        return found
+
+    async def resolve(
+        self, app_id: str, refs: list[user_ref_pb2.UserRef]
+    ) -> list[user_pb2.User | Any]:
+        """For each ref: the user, or the per-item ``google.rpc.Status`` identity answered."""
+        results: list[user_pb2.User | Any] = []
+        for start in range(0, len(refs), _BATCH):
+            response = await self._call(
+                app_id,
+                self._identity_stub().BatchGetUsers,
+                ipb.BatchGetUsersRequest(refs=refs[start : start + _BATCH]),
+            )
+            results.extend(r.user if r.HasField("user") else r.error for r in response.results)
+        return results
+
+    async def set_attributes(
+        self, app_id: str, user_id: uuid.UUID, attributes: Mapping[str, user_pb2.AttributeValue]
+    ) -> None:
+        """Write custom attributes of one profile."""
+        request = ipb.UpsertUserRequest(ref=user_ref_pb2.UserRef(user_id=str(user_id)))
+        for name, value in attributes.items():
+            request.user.attributes[name].CopyFrom(value)
+            request.update_mask.paths.append(f"attributes.{name}")
+        await self._call(app_id, self._identity_stub().UpsertUser, request)
+
+    async def list_users_page(
+        self, app_id: str, page_token: str, page_size: int = _BATCH
+    ) -> tuple[list[user_pb2.User], str]:
+        """One page of the app's users, oldest first, and the next page's token."""
+        response = await self._call(
+            app_id,
+            self._identity_stub().ListUsers,
+            ipb.ListUsersRequest(page_size=page_size, page_token=page_token),
+        )
+        return list(response.users), str(response.next_page_token)
+
+    async def segment_members(self, app_id: str, segment_id: str) -> AsyncIterator[str]:
+        """User ids of a segment's members (identity streams a consistent snapshot)."""
+        metadata = await self._metadata(app_id)
+        call = self._identity_stub().ListSegmentMembers(
+            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id), metadata=metadata
+        )
+        try:
+            async for member in call:
+                yield str(member.user_id)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from None
+
+    async def segment_exists(self, app_id: str, segment_id: str) -> bool:
+        """Whether identity has the segment."""
+        try:
+            await self._call(
+                app_id,
+                self._identity_stub().GetSegment,
+                segment_pb2.GetSegmentRequest(segment_id=segment_id),
+            )
+        except PeerRefused as refused:
+            if refused.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return False
+            raise
+        return True
+
+    async def is_member(self, app_id: str, segment_id: str, user_id: uuid.UUID) -> bool:
+        """Whether a user is a member of a segment now."""
+        response = await self._call(
+            app_id,
+            self._identity_stub().GetSegmentMembership,
+            segment_pb2.GetSegmentMembershipRequest(
+                segment_id=segment_id, user=user_ref_pb2.UserRef(user_id=str(user_id))
+            ),
+        )
+        return bool(response.member)
+
+    async def events(
+        self,
+        app_id: str,
+        user_id: uuid.UUID,
+        name: str,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int = 10_000,
+    ) -> list[Any]:
+        """A user's stored events named ``name`` in a window, newest first (at most ``limit``)."""
+        request = ipb.ListEventsRequest(
+            user=user_ref_pb2.UserRef(user_id=str(user_id)), name=name, page_size=1000
+        )
+        if start is not None:
+            request.start_time.FromDatetime(start)
+        if end is not None:
+            request.end_time.FromDatetime(end)
+        found: list[Any] = []
+        while len(found) < limit:
+            response = await self._call(app_id, self._identity_stub().ListEvents, request)
+            found.extend(response.events)
+            if not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+        return found[:limit]
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    async def template_exists(self, app_id: str, template_id: str) -> bool:
+        """Whether delivery has the template."""
+        try:
+            await self._call(
+                app_id,
+                self._delivery_stub().GetTemplate,
+                delivery_service_pb2.GetTemplateRequest(template_id=template_id),
+            )
+        except PeerRefused as refused:
+            if refused.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return False
+            raise
+        return True

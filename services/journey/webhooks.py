@@ -1,0 +1,189 @@
+"""Webhook nodes: the SSRF guard, the signature, and the HTTP call.
+
+The guard refuses URLs that could reach the platform's own network: schemes other than http(s),
+credentials in the URL, and hosts that are, or resolve to, loopback, private, link-local,
+multicast, reserved or unspecified addresses (IPv4 and IPv6, IPv4-mapped included). The call
+connects to the address that was checked (no second DNS lookup a rebinding attacker could
+answer differently), sending the original host name in ``Host`` and for TLS (SNI).
+
+The signature is ``X-Tidings-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
+"<t>.<body>")>``: the receiver recomputes it over the raw body and refuses stale timestamps.
+
+A webhook call is at least once: the engine makes it before the step's transaction commits, so a
+crash right after the call repeats it; ``X-Tidings-Idempotency-Key`` (the same for a repeat)
+lets the receiver drop the duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "WebhookCall",
+    "WebhookRefused",
+    "WebhookResult",
+    "call_webhook",
+    "check_literal_url",
+    "resolve_allowed",
+    "signature",
+]
+
+SIGNATURE_HEADER = "X-Tidings-Signature"
+IDEMPOTENCY_HEADER = "X-Tidings-Idempotency-Key"
+_ALLOWED_SCHEMES = ("http", "https")
+#: Most response body read (the body is not used, only the status).
+_MAX_RESPONSE_BYTES = 64 * 1024
+
+
+class WebhookRefused(Exception):
+    """The URL may not be called (the SSRF guard)."""
+
+
+def _address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return bool(
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
+    )
+
+
+def _split(url: str) -> tuple[str, str, int]:
+    """Scheme, host and port of ``url``, or WebhookRefused."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookRefused(f"not a valid URL: {exc}") from None
+    if parts.scheme not in _ALLOWED_SCHEMES:
+        raise WebhookRefused("only http and https URLs may be called")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookRefused("credentials in the URL are refused; send them in a header")
+    host = parts.hostname or ""
+    if not host:
+        raise WebhookRefused("the URL has no host")
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
+
+
+def check_literal_url(url: str, *, allow_private: bool) -> None:
+    """Validation-time check of a URL without template tags: no DNS lookup.
+
+    Raises:
+        WebhookRefused: The scheme is wrong, or the host is a refused address literal or a
+            local name (``localhost``).
+    """
+    _, host, _ = _split(url)
+    if allow_private:
+        return
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        raise WebhookRefused(f"host {host!r} is a local name")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: checked when called, against what it resolves to
+    if _address_refused(address):
+        raise WebhookRefused(f"address {host} is not public")
+
+
+async def resolve_allowed(url: str, *, allow_private: bool) -> tuple[str, str, str]:
+    """The scheme, host and one allowed address of ``url``'s host.
+
+    Raises:
+        WebhookRefused: Refused URL, or a host resolving to any refused address.
+    """
+    scheme, host, port = _split(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise WebhookRefused(f"host {host!r} does not resolve: {exc}") from None
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise WebhookRefused(f"host {host!r} does not resolve")
+    if not allow_private:
+        # Every address must be public: a name answering one public and one private address
+        # could be connected to the private one.
+        refused = [str(a) for a in addresses if _address_refused(a)]
+        if refused or host == "localhost":
+            raise WebhookRefused(f"host {host!r} resolves to a non-public address")
+    return scheme, host, str(addresses[0])
+
+
+def signature(secret: str, body: bytes, at: int) -> str:
+    """The signature header value of ``body`` sent at unix time ``at``."""
+    mac = hmac.new(secret.encode(), f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+@dataclass(frozen=True)
+class WebhookCall:
+    """A rendered webhook call."""
+
+    method: str
+    url: str
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 10.0
+    secret: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    """What came of a call: success is a 2xx answer."""
+
+    success: bool
+    status: int
+    detail: str
+
+
+async def call_webhook(call: WebhookCall, *, allow_private: bool) -> WebhookResult:
+    """Make the call through the SSRF guard; never raises for network or HTTP failures."""
+    try:
+        scheme, host, address = await resolve_allowed(call.url, allow_private=allow_private)
+    except WebhookRefused as exc:
+        return WebhookResult(False, 0, f"refused: {exc}")
+    parts = urlsplit(call.url)
+    netloc_host = f"[{address}]" if ":" in address else address
+    netloc = f"{netloc_host}:{parts.port}" if parts.port else netloc_host
+    pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    body = call.body.encode()
+    headers = {**call.headers, "Host": parts.netloc, "User-Agent": "tidings-journey/1"}
+    if call.idempotency_key:
+        headers[IDEMPOTENCY_HEADER] = call.idempotency_key
+    if call.secret:
+        headers[SIGNATURE_HEADER] = signature(call.secret, body, int(time.time()))
+    if body and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    try:
+        async with httpx.AsyncClient(timeout=call.timeout, follow_redirects=False) as client:
+            request = client.build_request(
+                call.method, pinned, content=body, headers=headers, extensions=extensions
+            )
+            response = await client.send(request, stream=True)
+            try:
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > _MAX_RESPONSE_BYTES:
+                        break
+            finally:
+                await response.aclose()
+    except (httpx.HTTPError, OSError) as exc:
+        return WebhookResult(False, 0, f"{type(exc).__name__}: {exc}"[:300])
+    return WebhookResult(200 <= response.status_code < 300, response.status_code, "")

@@ -1,0 +1,98 @@
+"""Audiences taken at activation: all contacts (paged, a job with progress) and segments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidings.identity.v1 import segment_pb2, user_pb2
+from tidings.journey.v1 import journey_pb2 as jpb
+from tidings.journey.v1 import journey_service_pb2 as pb
+
+from tests.identity.conftest import TestApp
+from tests.journey.support import SendFeed, create_active, definition, eventually, exit_node, send
+from tests.journey.test_send_flow import make_users
+
+
+async def test_all_contacts_enter_once_and_the_job_reports_progress(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    user_ids = await make_users(users, app, 25)
+    d = definition(
+        send("hello", next="end"),
+        exit_node("end"),
+        entry=jpb.Entry(all_contacts=jpb.Entry.AllContacts()),
+    )
+    journey = await create_active(journeys, app.server, d)
+    sends = await feed.wait_for(25, journey.journey_id)
+    assert sorted(s.user_id for s in sends) == sorted(user_ids)
+
+    async def done() -> jpb.Journey | None:
+        got = await journeys.GetJourney(
+            pb.GetJourneyRequest(journey_id=journey.journey_id), metadata=app.server
+        )
+        return got if got.audience.done else None
+
+    finished = await eventually(done)
+    assert finished is not None
+    assert (finished.audience.scanned, finished.audience.entered) == (25, 25)
+    await feed.settle(1)
+    assert len(feed.of(journey.journey_id)) == 25
+
+
+async def test_segment_members_enter_at_activation_and_when_they_join(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    gold = user_pb2.AttributeValue(string_value="gold")
+    members = await make_users(users, app, 2, attributes={"plan": gold})
+    await make_users(users, app, 2, attributes={"plan": user_pb2.AttributeValue(string_value="x")})
+    segment = await users.CreateSegment(
+        segment_pb2.CreateSegmentRequest(
+            segment=segment_pb2.Segment(
+                display_name="gold",
+                condition=segment_pb2.Condition(
+                    attribute=segment_pb2.AttributeCondition(
+                        field="attributes.plan",
+                        operator=segment_pb2.OPERATOR_EQUALS,
+                        values=[gold],
+                    )
+                ),
+            )
+        ),
+        metadata=app.server,
+    )
+    d = definition(
+        send("hello", next="end"),
+        exit_node("end"),
+        entry=jpb.Entry(
+            segment=jpb.Entry.SegmentMembers(
+                segment_id=segment.segment_id, include_current_members=True
+            )
+        ),
+    )
+    journey = await create_active(journeys, app.server, d)
+    first = await feed.wait_for(2, journey.journey_id)
+    assert sorted(s.user_id for s in first) == sorted(members)
+
+    (joiner,) = await make_users(users, app, 1, attributes={"plan": gold})
+    await feed.wait_for(3, journey.journey_id, within=60)
+    assert joiner in {s.user_id for s in feed.of(journey.journey_id)}
+    await feed.settle(1)
+    assert len(feed.of(journey.journey_id)) == 3
+
+
+async def test_unknown_segment_is_a_validation_problem(journeys: Any, app: TestApp) -> None:
+    d = definition(
+        send("hello", next="end"),
+        exit_node("end"),
+        entry=jpb.Entry(segment=jpb.Entry.SegmentMembers(segment_id="seg-that-is-not")),
+    )
+    created = await journeys.CreateJourney(
+        pb.CreateJourneyRequest(journey=jpb.Journey(display_name="s", definition=d)),
+        metadata=app.server,
+    )
+    report = await journeys.ValidateJourney(
+        pb.ValidateJourneyRequest(journey_id=created.journey_id), metadata=app.server
+    )
+    assert [(p.field, p.reason) for p in report.problems] == [
+        ("definition.entry.segment.segment_id", "UNKNOWN_SEGMENT")
+    ]

@@ -1,0 +1,170 @@
+"""CSV uploads of customers, tenant isolation, statistics over time ranges, the SSRF guard."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from tidings.identity.v1 import identity_service_pb2 as ipb
+from tidings.identity.v1 import user_pb2
+from tidings.journey.v1 import journey_service_pb2 as pb
+
+from services.journey.webhooks import (
+    WebhookCall,
+    WebhookRefused,
+    call_webhook,
+    resolve_allowed,
+)
+from tests.identity.conftest import TestApp
+from tests.identity.support import ext, failure, new_id
+from tests.journey.support import SendFeed, create_active, definition, exit_node, send
+
+
+async def _upload(
+    journeys: Any, app: TestApp, journey_id: str, csv: bytes, request_id: str
+) -> pb.UploadCustomersResponse:
+    async def messages() -> AsyncIterator[pb.UploadCustomersRequest]:
+        yield pb.UploadCustomersRequest(
+            options=pb.UploadCustomersOptions(journey_id=journey_id, request_id=request_id)
+        )
+        # Split anywhere, even inside a line or a UTF-8 character.
+        for start in range(0, len(csv), 7):
+            yield pb.UploadCustomersRequest(chunk=csv[start : start + 7])
+
+    response: pb.UploadCustomersResponse = await journeys.UploadCustomers(
+        messages(), metadata=app.server
+    )
+    return response
+
+
+async def test_a_csv_upload_enters_known_customers_once(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    known = [new_id("crm") for _ in range(3)]
+    await users.BatchUpsertUsers(
+        ipb.BatchUpsertUsersRequest(
+            requests=[
+                ipb.UpsertUserRequest(ref=ext(e), user=user_pb2.User(first_name="Zoë"))
+                for e in known
+            ]
+        ),
+        metadata=app.server,
+    )
+    journey = await create_active(
+        journeys, app.server, definition(send("hi", next="end"), exit_node())
+    )
+    csv = (
+        "\ufeffname,customerId\r\n"
+        f"Zoë,{known[0]}\r\n"
+        f"Ana,{known[1]}\r\n"
+        ",\r\n"
+        f"Bob,{new_id('nobody')}\r\n"
+        f"Zoë again,{known[0]}\r\n"
+        f"Cy,{known[2]}"
+    ).encode()
+    result = await _upload(journeys, app, journey.journey_id, csv, "file-1")
+    assert (result.rows, result.entered, result.rejected) == (6, 3, 3)
+    assert [(r.line, r.reason) for r in result.rejections] == [
+        (4, "INVALID_ID"),
+        (5, "USER_NOT_FOUND"),
+        (6, "ALREADY_INSIDE"),
+    ]
+    await feed.wait_for(3, journey.journey_id)
+    again = await _upload(journeys, app, journey.journey_id, csv, "file-1")
+    assert again.entered == 0
+    await feed.settle(1)
+    assert len(feed.of(journey.journey_id)) == 3
+    bad = await failure(_upload(journeys, app, journey.journey_id, b"id,name\n1,2\n", "file-2"))
+    assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "ID_COLUMN_MISSING")
+
+
+async def test_another_apps_journey_is_not_found(
+    journeys: Any, app: TestApp, other_app: TestApp
+) -> None:
+    journey = await create_active(
+        journeys, app.server, definition(send("hi", next="end"), exit_node())
+    )
+    for call in (
+        journeys.GetJourney(
+            pb.GetJourneyRequest(journey_id=journey.journey_id), metadata=other_app.server
+        ),
+        journeys.StopJourney(
+            pb.StopJourneyRequest(journey_id=journey.journey_id), metadata=other_app.server
+        ),
+        journeys.GetJourneyStats(
+            pb.GetJourneyStatsRequest(journey_id=journey.journey_id), metadata=other_app.server
+        ),
+    ):
+        assert (await failure(call)).code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_statistics_count_only_the_time_range(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    from tests.journey.test_lifecycle import add
+    from tests.journey.test_send_flow import make_users
+
+    people = await make_users(users, app, 2)
+    journey = await create_active(
+        journeys, app.server, definition(send("hi", next="end"), exit_node())
+    )
+    await add(journeys, app, journey.journey_id, people)
+    await feed.wait_for(2, journey.journey_id)
+
+    def stamp(moment: datetime) -> Timestamp:
+        t = Timestamp()
+        t.FromDatetime(moment)
+        return t
+
+    now = datetime.now(UTC)
+    before = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(
+            journey_id=journey.journey_id, end_time=stamp(now - timedelta(hours=1))
+        ),
+        metadata=app.server,
+    )
+    assert before.entered == 0
+    assert all(n.entered == 0 for n in before.nodes)
+    around = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(
+            journey_id=journey.journey_id,
+            start_time=stamp(now - timedelta(hours=1)),
+            end_time=stamp(now + timedelta(hours=1)),
+        ),
+        metadata=app.server,
+    )
+    assert around.entered == 2
+    assert {n.node_id: n.sent for n in around.nodes}["hi"] == 2
+    backwards = await failure(
+        journeys.GetJourneyStats(
+            pb.GetJourneyStatsRequest(
+                journey_id=journey.journey_id, start_time=stamp(now), end_time=stamp(now)
+            ),
+            metadata=app.server,
+        )
+    )
+    assert backwards.fields == ["end_time"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:8080/x",
+        "http://127.0.0.1/x",
+        "http://[::1]/x",
+        "http://[::ffff:10.0.0.1]/x",
+        "http://169.254.169.254/latest/meta-data",
+        "ftp://example.com/x",
+        "http://user:pw@example.com/x",
+    ],
+)
+async def test_the_ssrf_guard_refuses_local_and_private_targets(url: str) -> None:
+    with pytest.raises(WebhookRefused):
+        await resolve_allowed(url, allow_private=False)
+    result = await call_webhook(WebhookCall("POST", url, "{}"), allow_private=False)
+    assert not result.success
+    assert result.detail.startswith("refused")

@@ -1,0 +1,290 @@
+"""Node kinds through the running engine: branch, split, update profile, webhook, date delays,
+plus re-entry and concurrency rules and the customer-state API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from tidings.identity.v1 import identity_service_pb2 as ipb
+from tidings.identity.v1 import segment_pb2, user_pb2, user_ref_pb2
+from tidings.journey.v1 import journey_pb2 as jpb
+from tidings.journey.v1 import journey_service_pb2 as pb
+
+from tests.identity.conftest import TestApp
+from tests.identity.support import ext, failure, new_id
+from tests.journey.support import (
+    SendFeed,
+    create_active,
+    definition,
+    eventually,
+    exit_node,
+    node,
+    seconds,
+    send,
+)
+from tests.journey.test_lifecycle import add, state
+from tests.journey.test_send_flow import make_users
+
+
+def s(value: str) -> user_pb2.AttributeValue:
+    return user_pb2.AttributeValue(string_value=value)
+
+
+async def test_branch_split_and_update_profile(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    gold = await make_users(users, app, 3, attributes={"plan": s("gold")})
+    free = await make_users(users, app, 3, attributes={"plan": s("free")})
+    condition = segment_pb2.Condition(
+        attribute=segment_pb2.AttributeCondition(
+            field="attributes.plan", operator=segment_pb2.OPERATOR_EQUALS, values=[s("gold")]
+        )
+    )
+    d = definition(
+        node(
+            "plan", branch=jpb.BranchNode(condition=condition), next={"true": "vip", "false": "ab"}
+        ),
+        node(
+            "vip",
+            update_profile=jpb.UpdateProfileNode(attributes={"vip_journey": s("yes")}),
+            next={"next": "vip_send"},
+        ),
+        send("vip_send", template="tpl-vip", next="end"),
+        node(
+            "ab",
+            split=jpb.SplitNode(
+                branches=[
+                    jpb.SplitBranch(output="a", weight=1),
+                    jpb.SplitBranch(output="b", weight=1),
+                ]
+            ),
+            next={"a": "send_a", "b": "send_b"},
+        ),
+        send("send_a", template="tpl-a", next="end"),
+        send("send_b", template="tpl-b", next="end"),
+        exit_node("end"),
+    )
+    journey = await create_active(journeys, app.server, d)
+    jid = journey.journey_id
+    await add(journeys, app, jid, gold + free)
+    vip = await feed.wait_for(3, jid, "vip_send")
+    assert sorted(r.user_id for r in vip) == sorted(gold)
+    await feed.wait_for(3, jid)
+    await eventually(lambda: _count(feed, jid, 6))
+    split = [r for r in feed.of(jid) if r.journey_node_id in ("send_a", "send_b")]
+    assert sorted(r.user_id for r in split) == sorted(free)
+    # The attribute was written through identity.
+    profile = await users.GetUser(
+        ipb.GetUserRequest(ref=user_ref_pb2.UserRef(user_id=gold[0])), metadata=app.server
+    )
+    assert profile.attributes["vip_journey"].string_value == "yes"
+    # Each customer's split is the same on every visit: the path says which.
+    for user_id in free:
+        path = (await state(journeys, app, jid, user_id)).path
+        taken = next(p.output for p in path if p.node_id == "ab")
+        sent = next(r.journey_node_id for r in split if r.user_id == user_id)
+        assert sent == f"send_{taken}"
+
+
+async def _count(feed: SendFeed, jid: str, count: int) -> bool:
+    await feed.poll()
+    return len(feed.of(jid)) >= count
+
+
+class HookServer:
+    """A local HTTP endpoint that records requests; ``/fail`` answers 500."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        target = lines[0].split(" ")[1]
+        headers = {
+            k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+        }
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests.append((target, headers, body))
+        status = "500 Oops" if target.startswith("/fail") else "200 OK"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[HookServer]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_webhook_is_templated_signed_and_branches_on_the_answer(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    (user_id,) = await make_users(users, app, 1)
+    async with HookServer().running() as hooks:
+        base = f"http://127.0.0.1:{hooks.port}"
+        d = definition(
+            node(
+                "hook",
+                webhook=jpb.WebhookNode(
+                    url=base + "/crm/{{ user.user_id }}",
+                    body='{"name": "{{ user.first_name }}", "journey": "{{ journey.id }}"}',
+                    headers={"X-Plan": "basic"},
+                    secret="s3cret",
+                ),
+                next={"success": "failing", "failure": "end"},
+            ),
+            node(
+                "failing",
+                webhook=jpb.WebhookNode(url=base + "/fail", method="PUT"),
+                next={"success": "end", "failure": "after_failure"},
+            ),
+            send("after_failure", next="end"),
+            exit_node("end"),
+        )
+        journey = await create_active(journeys, app.server, d)
+        await add(journeys, app, journey.journey_id, [user_id])
+        [sent] = await feed.wait_for(1, journey.journey_id, "after_failure")
+        assert sent.user_id == user_id
+    (target, headers, body), (fail_target, _, _) = hooks.requests
+    assert target == f"/crm/{user_id}"
+    assert fail_target == "/fail"
+    assert json.loads(body) == {"name": "Ana", "journey": journey.journey_id}
+    assert headers["x-plan"] == "basic"
+    stamp, mac = (part.split("=", 1)[1] for part in headers["x-tidings-signature"].split(","))
+    expected = hmac.new(b"s3cret", f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    assert mac == expected
+    assert headers["x-tidings-idempotency-key"].startswith(f"{journey.journey_id}/{user_id}/")
+
+
+async def test_date_attribute_delay_in_the_past_does_not_wait(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    past = Timestamp()
+    past.FromDatetime(datetime.now(UTC) - timedelta(days=3))
+    future = Timestamp()
+    future.FromDatetime(datetime.now(UTC) + timedelta(days=30))
+    (due,) = await make_users(
+        users, app, 1, attributes={"renewal_at": user_pb2.AttributeValue(timestamp_value=past)}
+    )
+    (later,) = await make_users(
+        users, app, 1, attributes={"renewal_at": user_pb2.AttributeValue(timestamp_value=future)}
+    )
+    d = definition(
+        node(
+            "until",
+            delay=jpb.DelayNode(
+                until_date_attribute=jpb.DelayNode.UntilDateAttribute(
+                    attribute="attributes.renewal_at", offset=seconds(-86400)
+                )
+            ),
+            next={"next": "renew"},
+        ),
+        send("renew", next="end"),
+        exit_node("end"),
+    )
+    journey = await create_active(journeys, app.server, d)
+    await add(journeys, app, journey.journey_id, [due, later])
+    [sent] = await feed.wait_for(1, journey.journey_id)
+    assert sent.user_id == due
+    waiting = await state(journeys, app, journey.journey_id, later)
+    assert waiting.status == pb.CustomerState.STATUS_WAITING
+    assert waiting.waiting_for == "timer"
+    expected = future.ToDatetime(tzinfo=UTC) - timedelta(days=1)
+    assert abs(waiting.wake_time.ToDatetime(tzinfo=UTC) - expected) < timedelta(seconds=1)
+
+
+async def test_reentry_once_concurrency_limit_and_state_api(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    people = await make_users(users, app, 3)
+    d = definition(
+        node("hold", delay=jpb.DelayNode(duration=seconds(3600)), next={"next": "poke"}),
+        send("poke", next="end"),
+        exit_node("end"),
+        max_concurrent_customers=2,
+    )
+    journey = await create_active(journeys, app.server, d)
+    jid = journey.journey_id
+    added = await add(journeys, app, jid, people)
+    assert [r.entered for r in added.results] == [True, True, False]
+    limit = added.results[2].error
+    assert limit.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+    listed = await journeys.ListCustomerStates(
+        pb.ListCustomerStatesRequest(journey_id=jid, node_id="hold", page_size=1),
+        metadata=app.server,
+    )
+    rest = await journeys.ListCustomerStates(
+        pb.ListCustomerStatesRequest(
+            journey_id=jid, node_id="hold", page_token=listed.next_page_token
+        ),
+        metadata=app.server,
+    )
+    assert sorted(x.user_id for x in [*listed.states, *rest.states]) == sorted(people[:2])
+
+    # Put moves a customer at once; Delete takes one out and frees a place.
+    moved = await journeys.PutCustomerState(
+        pb.PutCustomerStateRequest(
+            journey_id=jid, customer=user_ref_pb2.UserRef(user_id=people[0]), node_id="poke"
+        ),
+        metadata=app.server,
+    )
+    assert moved.node_id == "poke"
+    assert next((p.node_id, p.output) for p in moved.path) == ("hold", "(moved)")
+    [poked] = await feed.wait_for(1, jid, "poke")
+    assert poked.user_id == people[0]
+    await journeys.DeleteCustomerState(
+        pb.DeleteCustomerStateRequest(
+            journey_id=jid, customer=user_ref_pb2.UserRef(user_id=people[1])
+        ),
+        metadata=app.server,
+    )
+    removed = await state(journeys, app, jid, people[1])
+    assert removed.status == pb.CustomerState.STATUS_EXITED
+    assert removed.path[-1].output == "(removed)"
+
+    async def exited() -> bool:
+        return (await state(journeys, app, jid, people[0])).status == pb.CustomerState.STATUS_EXITED
+
+    await eventually(exited)
+    again = await add(journeys, app, jid, people)
+    # ONCE: the one who went through may not come back; the removed one and the refused one may.
+    assert [r.entered for r in again.results] == [False, True, True]
+    unknown = await failure(
+        journeys.PutCustomerState(
+            pb.PutCustomerStateRequest(
+                journey_id=jid, customer=user_ref_pb2.UserRef(user_id=people[0]), node_id="ghost"
+            ),
+            metadata=app.server,
+        )
+    )
+    assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
+    nobody = await failure(
+        journeys.GetCustomerState(
+            pb.GetCustomerStateRequest(journey_id=jid, customer=ext(new_id())),
+            metadata=app.server,
+        )
+    )
+    assert nobody.code == grpc.StatusCode.NOT_FOUND
+    stats = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(journey_id=jid), metadata=app.server
+    )
+    assert stats.entries_refused == 2  # the concurrency limit, then the re-entry rule
