@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 from tidings.delivery.v1 import broadcast_pb2, channel_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.identity.v1 import segment_pb2, user_pb2
@@ -145,17 +144,12 @@ async def test_segment_broadcast(harness: DeliveryHarness, sink: Sink) -> None:
             values=[user_pb2.AttributeValue(string_value="gold")],
         )
     )
-    try:
-        segment = await harness.identity.CreateSegment(
-            segment_pb2.CreateSegmentRequest(
-                segment=segment_pb2.Segment(display_name="gold", condition=condition)
-            ),
-            metadata=harness.server,
-        )
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("identity does not serve segments in this build")
-        raise
+    segment = await harness.identity.CreateSegment(
+        segment_pb2.CreateSegmentRequest(
+            segment=segment_pb2.Segment(display_name="gold", condition=condition)
+        ),
+        metadata=harness.server,
+    )
     created = await harness.delivery.Broadcast(
         dpb.BroadcastRequest(
             broadcast=_broadcast(sink, broadcast_pb2.Audience(segment_id=segment.segment_id))
