@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
+from services.runtime.webhooks import AddressPolicy, IPAddress, address_refusal
+
 __all__ = [
     "AddressPolicy",
     "AddressRefused",
@@ -33,47 +35,9 @@ _MAX_HEAD = 32 * 1024
 _MAX_BODY = 64 * 1024
 _MAX_IDLE_PER_KEY = 512
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: Cloud metadata services; refused as link-local (and never "private").
-_METADATA = frozenset(
-    {
-        ipaddress.ip_address("169.254.169.254"),
-        ipaddress.ip_address("169.254.170.2"),
-        ipaddress.ip_address("100.100.100.200"),
-        ipaddress.ip_address("fd00:ec2::254"),
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class AddressPolicy:
-    """Which non-public address classes a webhook may reach (all refused by default)."""
-
-    allow_loopback: bool = False
-    allow_private: bool = False
-    allow_link_local: bool = False
-
 
 class AddressRefused(Exception):
     """The URL's host is, or resolves to, an address the policy refuses."""
-
-
-def address_refusal(address: IPAddress, policy: AddressPolicy) -> str | None:
-    """Why ``address`` may not be called under ``policy``, or None when it may."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_unspecified or address.is_multicast:
-        return f"{address} is not a unicast address"
-    if address in _METADATA or address.is_link_local:
-        return None if policy.allow_link_local else f"{address} is link-local or metadata"
-    if address.is_loopback:
-        return None if policy.allow_loopback else f"{address} is loopback"
-    if address.is_reserved:
-        return f"{address} is reserved"
-    if not address.is_global:  # RFC 1918, ULA, CGNAT, documentation ranges...
-        return None if policy.allow_private else f"{address} is private"
-    return None
 
 
 @dataclass(frozen=True, slots=True)

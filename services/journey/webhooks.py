@@ -17,8 +17,6 @@ lets the receiver drop the duplicate.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import socket
 import time
@@ -27,18 +25,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from services.runtime.webhooks import (
+    SIGNATURE_HEADER,
+    AddressPolicy,
+    IPAddress,
+    address_refusal,
+    sign,
+)
+
 __all__ = [
-    "SIGNATURE_HEADER",
     "WebhookCall",
     "WebhookRefused",
     "WebhookResult",
     "call_webhook",
     "check_literal_url",
     "resolve_allowed",
-    "signature",
 ]
 
-SIGNATURE_HEADER = "X-Tidings-Signature"
 IDEMPOTENCY_HEADER = "X-Tidings-Idempotency-Key"
 _ALLOWED_SCHEMES = ("http", "https")
 #: Most response body read (the body is not used, only the status).
@@ -49,18 +52,8 @@ class WebhookRefused(Exception):
     """The URL may not be called (the SSRF guard)."""
 
 
-def _address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return bool(
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
-    )
+def _address_refused(address: IPAddress) -> bool:
+    return address_refusal(address, AddressPolicy()) is not None
 
 
 def _split(url: str) -> tuple[str, str, int]:
@@ -123,12 +116,6 @@ async def resolve_allowed(url: str, *, allow_private: bool) -> tuple[str, str, s
     return scheme, host, str(addresses[0])
 
 
-def signature(secret: str, body: bytes, at: int) -> str:
-    """The signature header value of ``body`` sent at unix time ``at``."""
-    mac = hmac.new(secret.encode(), f"{at}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={at},v1={mac}"
-
-
 @dataclass(frozen=True)
 class WebhookCall:
     """A rendered webhook call."""
@@ -166,7 +153,7 @@ async def call_webhook(call: WebhookCall, *, allow_private: bool) -> WebhookResu
     if call.idempotency_key:
         headers[IDEMPOTENCY_HEADER] = call.idempotency_key
     if call.secret:
-        headers[SIGNATURE_HEADER] = signature(call.secret, body, int(time.time()))
+        headers[SIGNATURE_HEADER] = sign(call.secret, int(time.time()), body)
     if body and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
     extensions = {"sni_hostname": host} if scheme == "https" else {}

@@ -12,7 +12,7 @@ import time
 from tidings.delivery.v1 import channel_pb2, message_pb2
 from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 
-from services.delivery.providers.webhook import SIGNATURE_HEADER, verify_signature
+from services.runtime.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.delivery.sink import Sink
 from tests.delivery.support import (
     SIGNING_SECRET,

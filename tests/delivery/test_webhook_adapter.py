@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from services.delivery.http_client import AddressPolicy, address_refusal
 from services.delivery.providers.base import (
     Channel,
     CredentialsError,
@@ -17,7 +16,8 @@ from services.delivery.providers.base import (
     Recipient,
     WebhookContent,
 )
-from services.delivery.providers.webhook import WebhookAdapter, verify_signature
+from services.delivery.providers.webhook import WebhookAdapter
+from services.runtime.webhooks import AddressPolicy, address_refusal, verify_signature
 from tests.delivery.sink import Sink, SinkRequest
 
 SECRET = "s" * 32

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
-import hmac
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from services.delivery.http_client import AddressPolicy, AddressRefused, HttpClient
+from services.delivery.http_client import AddressRefused, HttpClient
 from services.delivery.providers.base import (
     Channel,
     CredentialsError,
@@ -36,35 +34,14 @@ from services.delivery.providers.base import (
     ProviderResult,
     WebhookContent,
 )
+from services.runtime.webhooks import SIGNATURE_HEADER, AddressPolicy, sign
 
-__all__ = ["SIGNATURE_HEADER", "WebhookAdapter", "sign", "verify_signature"]
+__all__ = ["WebhookAdapter"]
 
-SIGNATURE_HEADER = "X-Tidings-Signature"
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 30.0
 _MIN_SECRET = 16
 _RETRYABLE = frozenset({408, 425, 429})
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The signature header value for ``body`` sent at ``timestamp``."""
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
-
-
-def verify_signature(
-    secret: str, header: str, body: bytes, *, now: float, tolerance: float = 300.0
-) -> bool:
-    """What a receiver does: check the signature and that it is recent (replay protection)."""
-    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    try:
-        timestamp = int(fields["t"])
-    except (KeyError, ValueError):
-        return False
-    if abs(now - timestamp) > tolerance:
-        return False
-    expected = sign(secret, timestamp, body).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, fields.get("v1", ""))
 
 
 def _retry_after(value: str | None) -> float | None:
