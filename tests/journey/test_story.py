@@ -285,7 +285,26 @@ async def test_the_story(stack: tuple[Any, Any], users: Any, app: TestApp) -> No
             (buyer, "add_to_cart", {"cart_id": "A"}, str(uuid.uuid4())),
             (idler, "add_to_cart", {"cart_id": "B"}, str(uuid.uuid4())),
         )
-        await asyncio.sleep(1)
+
+        async def both_wait_for_their_cart() -> bool:
+            for user_id in (buyer, idler):
+                try:
+                    state = await journeys.GetCustomerState(
+                        pb.GetCustomerStateRequest(
+                            journey_id=cart.journey_id,
+                            customer=user_ref_pb2.UserRef(user_id=user_id),
+                        ),
+                        metadata=app.server,
+                    )
+                except grpc.aio.AioRpcError:
+                    return False  # not entered yet
+                if state.node_id != "cart":
+                    return False
+            return True
+
+        await eventually(
+            both_wait_for_their_cart, within=20, what="both carts at the retarget node"
+        )
         await track(users, app, (buyer, "purchase", {"cart_id": "A"}, str(uuid.uuid4())))
 
         async def reminded() -> bool:
