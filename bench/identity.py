@@ -256,7 +256,13 @@ async def track_events(ctx: Context) -> list[Figure]:
     ctx.log(f"  {count:,} events accepted in {accepted_s:.2f} s, all stored after {stored_s:.2f} s")
     limit = ctx.value("ceiling.pg_copy_events_per_s")
     return [
-        Figure("identity.track_events_per_s", count / accepted_s, "events/s", limit=limit),
+        Figure(
+            "identity.track_events_per_s",
+            count / accepted_s,
+            "events/s",
+            limit=limit,
+            target=80_000,
+        ),
         Figure("identity.events_stored_per_s", count / stored_s, "events/s", limit=limit),
     ]
 
@@ -436,12 +442,25 @@ async def users(ctx: Context) -> list[Figure]:
             2 * count / (fresh.seconds + update.seconds),
             "users/s",
             limit=limit,
+            target=50_000,
         ),
-        Figure("identity.upsert_users_fresh_per_s", fresh.rate(count), "users/s", limit=limit),
-        Figure("identity.upsert_users_update_per_s", update.rate(count), "users/s", limit=limit),
+        Figure(
+            "identity.upsert_users_fresh_per_s",
+            fresh.rate(count),
+            "users/s",
+            limit=limit,
+            target=50_000,
+        ),
+        Figure(
+            "identity.upsert_users_update_per_s",
+            update.rate(count),
+            "users/s",
+            limit=limit,
+            target=50_000,
+        ),
         Figure("identity.get_user_p50_ms", percentile(latencies, 50), "ms"),
-        Figure("identity.get_user_p99_ms", percentile(latencies, 99), "ms"),
-        Figure("identity.get_user_rate_per_s", reached, "req/s"),
+        Figure("identity.get_user_p99_ms", percentile(latencies, 99), "ms", target=5.0),
+        Figure("identity.get_user_rate_per_s", reached, "req/s", target=GET_RATE),
         Figure(f"identity.get_user_p50_ms_at_{GET_LIGHT_RATE}_rps", percentile(light, 50), "ms"),
         Figure(f"identity.get_user_p99_ms_at_{GET_LIGHT_RATE}_rps", percentile(light, 99), "ms"),
     ]

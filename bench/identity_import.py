@@ -158,13 +158,15 @@ async def csv_import(ctx: Context) -> list[Figure]:
         )
     ctx.log(f"  imported {count:,} rows in {seconds:.2f} s, peak RSS {peak:.0f} MiB")
     # At SIZE=tiny the "1m" figure is the tiny file's time: a smoke test, not a figure.
+    copy_rate = ctx.value("ceiling.pg_copy_csv_rows_per_s")
     return [
-        Figure("identity.csv_import_1m_s", seconds, "s"),
+        Figure("identity.csv_import_1m_s", seconds, "s", target=10.0),
         Figure(
             "identity.csv_import_rows_per_s",
             count / seconds,
             "rows/s",
-            limit=ctx.value("ceiling.pg_copy_csv_rows_per_s"),
+            limit=copy_rate,
+            target=0.3 * copy_rate,
         ),
-        Figure("identity.csv_import_peak_rss_mb", peak, "MiB"),
+        Figure("identity.csv_import_peak_rss_mb", peak, "MiB", target=300.0),
     ]

@@ -24,7 +24,7 @@ def write_json(path: Path, figures: Sequence[Figure]) -> None:
 
 
 def format_table(figures: Sequence[Figure]) -> str:
-    """An aligned plain-text table: name, value, unit, limit, ratio.
+    """An aligned plain-text table: name, value, unit, limit, ratio, target and whether it is met.
 
     Args:
         figures: The rows.
@@ -32,7 +32,7 @@ def format_table(figures: Sequence[Figure]) -> str:
     Returns:
         The table, one line per figure after a header, no trailing newline.
     """
-    header = ("figure", "value", "unit", "limit", "ratio")
+    header = ("figure", "value", "unit", "limit", "ratio", "target", "met")
     rows = [
         (
             f.name,
@@ -40,12 +40,14 @@ def format_table(figures: Sequence[Figure]) -> str:
             f.unit,
             "-" if f.limit is None else _number(f.limit),
             "-" if f.ratio_to_limit is None else f"{f.ratio_to_limit:.3f}",
+            "-" if f.target is None else _number(f.target),
+            {None: "-", True: "yes", False: "NO"}[f.meets_target],
         )
         for f in figures
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     # Text columns align left, numbers right, so magnitudes line up.
-    right = (False, True, False, True, True)
+    right = (False, True, False, True, True, True, False)
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(

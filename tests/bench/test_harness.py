@@ -43,7 +43,15 @@ def test_tiny_run_writes_every_ceiling(tmp_path: Path) -> None:
     results = json.loads(output.read_text())
     assert isinstance(results, list)
     for entry in results:
-        assert set(entry) == {"name", "value", "unit", "limit", "ratio_to_limit"}
+        assert set(entry) == {
+            "name",
+            "value",
+            "unit",
+            "limit",
+            "ratio_to_limit",
+            "target",
+            "meets_target",
+        }
         assert isinstance(entry["name"], str)
         assert isinstance(entry["unit"], str)
         assert isinstance(entry["value"], int | float)
@@ -80,6 +88,14 @@ def test_a_need_must_be_registered_first() -> None:
 def test_ratio_to_limit() -> None:
     assert Figure("x", 50.0, "rows/s", limit=200.0).to_json()["ratio_to_limit"] == 0.25
     assert Figure("x", 50.0, "rows/s").to_json()["ratio_to_limit"] is None
+
+
+def test_meets_target_knows_which_way_is_better() -> None:
+    assert Figure("x", 50.0, "rows/s", target=40.0).meets_target is True
+    assert Figure("x", 50.0, "rows/s", target=60.0).meets_target is False
+    assert Figure("x", 50.0, "ms", target=60.0).meets_target is True
+    assert Figure("x", 50.0, "MiB", target=40.0).meets_target is False
+    assert Figure("x", 50.0, "ms").to_json()["meets_target"] is None
 
 
 def test_percentile_is_an_observed_value() -> None:
