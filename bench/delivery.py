@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -283,6 +284,29 @@ async def _csv_rss(ctx: Context, identity: ServiceProcess, app_id: str, key: str
     return peak
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _database_cpu_seconds(database: str) -> float:
+    """CPU used so far by the PostgreSQL backends serving ``database`` (its connections)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if f" {database} ".encode() not in cmdline.read():
+                    continue
+            total += _cpu_seconds(int(entry))
+        except OSError:
+            continue
+    return total
+
+
 @benchmark("delivery.broadcast")
 async def broadcast(ctx: Context) -> list[Figure]:
     """Broadcast msgs/s to a webhook sink (0 lost, 0 duplicated), p99 latency, 1M fan-out RSS."""
@@ -328,6 +352,9 @@ async def broadcast(ctx: Context) -> list[Figure]:
             # Warm-up (untimed): identity key minted, connections, prepared statements.
             await _latency_run(ctx, stub, metadata, sink, user_ids[:USERS_PER_SEND], 100)
             sink.keys.clear()
+            database = delivery_dsn.rsplit("/", 1)[1].split("?", 1)[0]
+            cpu_before = [_cpu_seconds(p.pid) for p in processes]
+            db_cpu_before = _database_cpu_seconds(database)
             started = time.monotonic()
             created = await stub.Broadcast(
                 delivery_service_pb2.BroadcastRequest(
@@ -351,6 +378,13 @@ async def broadcast(ctx: Context) -> list[Figure]:
                     f"{sink.duplicates} duplicates, {final.sent_count:,} recorded sent"
                 )
             ctx.log(f"  {count:,} messages broadcast in {elapsed:.1f} s, 0 lost, 0 duplicated")
+            # Under contention the rate says little; CPU per message is what a change moves.
+            worker_cpu = sum(_cpu_seconds(p.pid) for p in processes) - sum(cpu_before)
+            db_cpu = _database_cpu_seconds(database) - db_cpu_before
+            ctx.log(
+                f"  CPU per message: delivery {worker_cpu / count * 1e6:,.0f} us, "
+                f"its PostgreSQL backends {db_cpu / count * 1e6:,.0f} us"
+            )
             sink.keys.clear()
             latencies = await _latency_run(ctx, stub, metadata, sink, user_ids, rate / 2)
             if sink.duplicates:

@@ -1,4 +1,5 @@
-"""Who may call what in delivery: a server key of the app, or (ReportEngagement) a client key.
+"""Who may call what in delivery: a server key of the app, or (ReportEngagement,
+ListInAppMessages) a client key.
 
 The admin key spans apps and has nothing to do here (PERMISSION_DENIED); every query is scoped
 by the caller's app, so another app's ids answer NOT_FOUND.

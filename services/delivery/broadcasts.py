@@ -35,6 +35,7 @@ from tidings.identity.v1 import user_ref_pb2
 from services.delivery.app_settings import ensure_app
 from services.delivery.broadcasts_store import apply_deltas, broadcast_from_row
 from services.delivery.identity_client import IdentityClient
+from services.delivery.ids import uuid5_text
 from services.delivery.jobs import record_key, ref_key
 from services.delivery.receipts import Fact, record_facts
 from services.delivery.sends import check_templates
@@ -86,12 +87,12 @@ def _record(
 ) -> FanOutRecord:
     """The record of one user of a broadcast; ids derived from (broadcast, user)."""
     who = ref.user_id if ref.WhichOneof("ref") == "user_id" else ref_key(ref)
-    message_id = uuid.uuid5(_NAMESPACE, f"{broadcast_id}\0{who}")
+    message_id = uuid5_text(_NAMESPACE, f"{broadcast_id}\0{who}")
     record = FanOutRecord(
-        event_id=str(message_id),
+        event_id=message_id,
         app_id=app_id,
         idempotency_key=f"broadcast:{broadcast_id}:{who}",
-        message_id=str(message_id),
+        message_id=message_id,
         broadcast_id=str(broadcast_id),
         occurred_at=occurred,
     )

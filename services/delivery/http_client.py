@@ -34,6 +34,7 @@ __all__ = [
 _MAX_HEAD = 32 * 1024
 _MAX_BODY = 64 * 1024
 _MAX_IDLE_PER_KEY = 512
+_MAX_CACHED = 1024
 
 
 class AddressRefused(Exception):
@@ -73,21 +74,50 @@ class HttpClient:
     def __init__(self) -> None:
         self._idle: defaultdict[_PoolKey, list[_Connection]] = defaultdict(list)
         self._tls = ssl.create_default_context()
+        # A broadcast calls one URL many times: its parse, and the verdict on a literal IP
+        # (which no resolver can change), are kept rather than redone per message.
+        self._urls: dict[str, SplitResult] = {}
+        self._literals: dict[tuple[str, AddressPolicy], IPAddress | None] = {}
+
+    def _split(self, url: str) -> SplitResult:
+        parts = self._urls.get(url)
+        if parts is None:
+            if len(self._urls) >= _MAX_CACHED:
+                self._urls.clear()
+            parts = self._urls[url] = urlsplit(url)
+        return parts
+
+    def _literal(self, host: str, policy: AddressPolicy) -> IPAddress | None:
+        """The address of a literal IP host that ``policy`` allows (None: not a literal).
+
+        Raises:
+            AddressRefused: A literal the policy refuses.
+        """
+        key = (host, policy)
+        if key in self._literals:
+            cached = self._literals[key]
+        else:
+            try:
+                cached = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                cached = None
+            if cached is not None:
+                refusal = address_refusal(cached, policy)
+                if refusal is not None:
+                    raise AddressRefused(refusal)
+            if len(self._literals) >= _MAX_CACHED:
+                self._literals.clear()
+            self._literals[key] = cached
+        return cached
 
     async def _resolve(self, host: str, port: int, policy: AddressPolicy) -> IPAddress:
-        try:
-            literal = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            literal = None
+        literal = self._literal(host, policy)
         if literal is not None:
-            candidates: list[IPAddress] = [literal]
-        else:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-            candidates = [ipaddress.ip_address(info[4][0]) for info in infos]
-            if not candidates:
-                raise OSError(f"{host} has no address")
+            return literal
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        candidates = [ipaddress.ip_address(info[4][0]) for info in infos]
+        if not candidates:
+            raise OSError(f"{host} has no address")
         # Every answer must pass: a mixed answer is how rebinding attacks slip through.
         for candidate in candidates:
             refusal = address_refusal(candidate, policy)
@@ -112,7 +142,7 @@ class HttpClient:
             ValueError: The URL is not http(s) with a host.
             OSError | TimeoutError | asyncio.IncompleteReadError: Network failures.
         """
-        parts = urlsplit(url)
+        parts = self._split(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an http(s) URL with a host")
         secure = parts.scheme == "https"

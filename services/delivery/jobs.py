@@ -24,9 +24,19 @@ __all__ = ["Job", "derive_message_id", "record_key", "spec_of"]
 _NAMESPACE = uuid.UUID("0b8f9c64-5d0e-4c7e-a6a4-1f2e3d4c5b6a")
 
 
+_TIMES: dict[tuple[int, int], datetime] = {}
+
+
 def _time(stamp: timestamp_pb2.Timestamp) -> datetime:
-    # Timestamp.ToDatetime is pure Python and shows in profiles at thousands of records/s.
-    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+    # Timestamp.ToDatetime is pure Python and shows in profiles at thousands of records/s; the
+    # records of a broadcast page share their times, so converting each once is enough.
+    key = (stamp.seconds, stamp.nanos)
+    found = _TIMES.get(key)
+    if found is None:
+        if len(_TIMES) >= 4096:
+            _TIMES.clear()
+        found = _TIMES[key] = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+    return found
 
 
 def derive_message_id(app_id: str, idempotency_key: str) -> uuid.UUID:

@@ -1,5 +1,5 @@
 """Messages as the API shows them (Get, List per user) and engagement (opens, clicks,
-unsubscribes) from SDKs and the tracking endpoint.
+dismissals, unsubscribes) from SDKs and the tracking endpoint.
 
 An engagement adds a timeline entry and a ``delivery.receipts`` fact (journeys wait on clicks);
 the message's status becomes the engagement unless it is already further along (a click after
@@ -36,8 +36,9 @@ _RANK: dict[int, int] = {
     S.MESSAGE_STATUS_DELIVERED: 4,
     S.MESSAGE_STATUS_BOUNCED: 5,
     S.MESSAGE_STATUS_OPENED: 6,
-    S.MESSAGE_STATUS_CLICKED: 7,
-    S.MESSAGE_STATUS_UNSUBSCRIBED: 8,
+    S.MESSAGE_STATUS_DISMISSED: 7,
+    S.MESSAGE_STATUS_CLICKED: 8,
+    S.MESSAGE_STATUS_UNSUBSCRIBED: 9,
 }
 _SENT_STATES = ("sent",)
 _MAX_ENGAGEMENT_AGE = timedelta(days=30)
@@ -192,7 +193,7 @@ async def engage(
         row = await conn.fetchrow(
             """
             SELECT user_id, status, state, subscription_id, channel, idempotency_key,
-                   broadcast_id
+                   broadcast_id, journey_id, journey_node_id
             FROM messages WHERE app_id = $1 AND message_id = $2 FOR UPDATE
             """,
             app_id,
@@ -235,6 +236,8 @@ async def engage(
                     subscription_id=row["subscription_id"],
                     idempotency_key=row["idempotency_key"],
                     broadcast_id=str(row["broadcast_id"] or ""),
+                    journey_id=row["journey_id"],
+                    journey_node_id=row["journey_node_id"],
                     url=url,
                     nth=str(count),
                 )
@@ -246,6 +249,8 @@ async def engage(
 _KINDS = {
     delivery_service_pb2.ENGAGEMENT_KIND_OPENED: S.MESSAGE_STATUS_OPENED,
     delivery_service_pb2.ENGAGEMENT_KIND_CLICKED: S.MESSAGE_STATUS_CLICKED,
+    delivery_service_pb2.ENGAGEMENT_KIND_DISPLAYED: S.MESSAGE_STATUS_OPENED,
+    delivery_service_pb2.ENGAGEMENT_KIND_DISMISSED: S.MESSAGE_STATUS_DISMISSED,
 }
 
 
@@ -267,7 +272,7 @@ def check_engagement(
         )
     status = _KINDS.get(request.kind)
     if status is None:
-        violations.add("kind", "OPENED or CLICKED", reason="REQUIRED")
+        violations.add("kind", "OPENED, CLICKED, DISPLAYED or DISMISSED", reason="REQUIRED")
     if request.kind == delivery_service_pb2.ENGAGEMENT_KIND_CLICKED and len(request.url) > 2000:
         violations.add("url", "at most 2,000 characters")
     at = now

@@ -34,7 +34,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message row to create if its id and idempotency key are both new."""
+    """A message row to create if its id and idempotency key are both new.
+
+    The worker creates the rows of broadcast and journey records in the state it decided
+    (``sending`` for a claim before the provider call, ``failed``, ``deferred``), so a message
+    is written once instead of inserted ``queued`` and then updated.
+    """
 
     app_id: str
     message_id: uuid.UUID
@@ -46,24 +51,49 @@ class NewMessage:
     expire_at: datetime | None
     due_at: datetime | None = None
     request: bytes | None = None
+    journey_id: str = ""
+    journey_node_id: str = ""
+    attempts: int = 0
+    channel: str = ""
+    subscription_id: str = ""
+    template_id: str = ""
+    template_version: int = 0
+    #: When the provider call was claimed, if it counts against frequency caps.
+    sent_at: datetime | None = None
+    #: In-app messages: the rendered InAppContent.
+    content: bytes | None = None
 
 
-async def insert_missing(conn: DBConnection, rows: Sequence[NewMessage], now: datetime) -> None:
-    """Create the rows that do not exist (by id or idempotency key); others are left alone."""
+async def insert_missing(
+    conn: DBConnection, rows: Sequence[NewMessage], now: datetime
+) -> set[uuid.UUID]:
+    """Create the rows that do not exist (by id or idempotency key); others are left alone.
+
+    Returns:
+        The ids of the rows created (a claim, when they are created ``sending``).
+    """
     if not rows:
-        return
-    await conn.execute(
+        return set()
+    created = await conn.fetch(
         """
         INSERT INTO messages (app_id, message_id, idempotency_key, user_id, broadcast_id, state,
-                              status, expire_at, due_at, request, create_time, update_time)
+                              status, expire_at, due_at, request, journey_id, journey_node_id,
+                              attempts, channel, subscription_id, template_id, template_version,
+                              sent_at, content, create_time, update_time)
         SELECT r.app_id, r.message_id, r.key, r.user_id, r.broadcast_id, r.state, r.status,
-               r.expire_at, r.due_at, r.request, $11, $11
+               r.expire_at, r.due_at, r.request, r.journey_id, r.journey_node_id, r.attempts,
+               r.channel, r.subscription_id, r.template_id, r.template_version, r.sent_at,
+               r.content, $11, $11
         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
-                    $7::smallint[], $8::timestamptz[], $9::timestamptz[], $10::bytea[])
+                    $7::smallint[], $8::timestamptz[], $9::timestamptz[], $10::bytea[],
+                    $12::text[], $13::text[], $14::int[], $15::text[], $16::text[], $17::text[],
+                    $18::int[], $19::timestamptz[], $20::bytea[])
              AS r(app_id, message_id, key, user_id, broadcast_id, state, status, expire_at,
-                  due_at, request)
+                  due_at, request, journey_id, journey_node_id, attempts, channel,
+                  subscription_id, template_id, template_version, sent_at, content)
         ORDER BY r.app_id, r.message_id
         ON CONFLICT DO NOTHING
+        RETURNING message_id
         """,
         [r.app_id for r in rows],
         [r.message_id for r in rows],
@@ -76,7 +106,17 @@ async def insert_missing(conn: DBConnection, rows: Sequence[NewMessage], now: da
         [r.due_at for r in rows],
         [r.request for r in rows],
         now,
+        [r.journey_id for r in rows],
+        [r.journey_node_id for r in rows],
+        [r.attempts for r in rows],
+        [r.channel for r in rows],
+        [r.subscription_id for r in rows],
+        [r.template_id for r in rows],
+        [r.template_version for r in rows],
+        [r.sent_at for r in rows],
+        [r.content for r in rows],
     )
+    return {row["message_id"] for row in created}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +164,8 @@ class Claim:
     template_id: str
     template_version: int
     counts_for_cap: bool
+    #: In-app messages: the rendered InAppContent the SDK will fetch.
+    content: bytes | None = None
 
 
 async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> set[uuid.UUID]:
@@ -136,11 +178,12 @@ async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> s
             state = 'sending', attempts = m.attempts + 1, user_id = c.user_id,
             channel = c.channel, subscription_id = c.subscription_id,
             template_id = c.template_id, template_version = c.template_version,
-            sent_at = CASE WHEN c.counts THEN $10::timestamptz END, update_time = $10
+            sent_at = CASE WHEN c.counts THEN $10::timestamptz END, update_time = $10,
+            content = c.content
         FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                    $7::text[], $8::int[], $9::bool[])
+                    $7::text[], $8::int[], $9::bool[], $11::bytea[])
              AS c(app_id, message_id, dispatch, user_id, channel, subscription_id, template_id,
-                  template_version, counts)
+                  template_version, counts, content)
         WHERE m.app_id = c.app_id AND m.message_id = c.message_id
           AND m.state = 'queued' AND m.dispatch = c.dispatch
         RETURNING m.message_id
@@ -155,6 +198,7 @@ async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> s
         [c.template_version for c in claims],
         [c.counts_for_cap for c in claims],
         now,
+        [c.content for c in claims],
     )
     return {row["message_id"] for row in rows}
 

@@ -11,11 +11,13 @@ Rules, in the order they apply (the first that refuses wins):
    never messaged, even by a job already in flight).
 3. **Reachability** ("best channel"): the first send option the user can be reached on: a
    subscription of that channel that is enabled and opted in (the most recently active one),
-   and a configured, enabled channel whose adapter exists. Webhooks need no subscription. None
-   reachable -> FAILED with the first option's reason (``NO_SUBSCRIPTION``, ``NOT_OPTED_IN``,
-   ``SUBSCRIPTION_DISABLED``, ``CHANNEL_NOT_CONFIGURED``, ``CHANNEL_DISABLED``,
-   ``CHANNEL_UNAVAILABLE``, ``IN_APP_UNAVAILABLE``). Subscription state is read from identity
-   right before the provider call (per batch), so an unsubscribe committed before it wins.
+   and a configured, enabled channel whose adapter exists. Webhooks need no subscription; an
+   in-app message goes to the user's most recently active enabled device (iOS, Android, web),
+   opted in or not, and needs no channel. None reachable -> FAILED with the first option's
+   reason (``NO_SUBSCRIPTION``, ``NOT_OPTED_IN``, ``SUBSCRIPTION_DISABLED``,
+   ``CHANNEL_NOT_CONFIGURED``, ``CHANNEL_DISABLED``, ``CHANNEL_UNAVAILABLE``). Subscription
+   state is read from identity right before the provider call (per batch), so an unsubscribe
+   committed before it wins.
 4. **Quiet hours** (unless bypassed): inside the window in the user's time zone (else the app's
    default zone, else UTC) -> DEFERRED to the window's end, ``QUIET_HOURS``.
 5. **Frequency cap** (unless bypassed; the send's cap overrides the app's): the user already got
@@ -97,6 +99,23 @@ def _subscription_problem(
     return best, ""
 
 
+#: The subscription types of devices running the app's SDK (iOS, Android, web).
+_DEVICE_TYPES = frozenset({1, 2, 3})
+
+
+def _device_subscription(
+    user: user_pb2.User,
+) -> tuple[subscription_pb2.Subscription | None, str]:
+    """Where an in-app message goes: the most recently active enabled device of the user.
+    Push permission (opt-in) is not needed to show a message inside the app."""
+    devices = [s for s in user.subscriptions if s.type in _DEVICE_TYPES]
+    enabled = [s for s in devices if s.enabled]
+    if not enabled:
+        return None, "SUBSCRIPTION_DISABLED" if devices else "NO_SUBSCRIPTION"
+    best = max(enabled, key=lambda s: (s.last_active_time.ToNanoseconds(), s.subscription_id))
+    return best, ""
+
+
 def choose_target(
     user: user_pb2.User, option_channels: Sequence[str], reach: Reachability
 ) -> Target | str:
@@ -110,7 +129,9 @@ def choose_target(
     first_problem = ""
     for index, name in enumerate(option_channels):
         if name == channels.IN_APP:
-            problem = "IN_APP_UNAVAILABLE"
+            subscription, problem = _device_subscription(user)
+            if subscription is not None:
+                return Target(index, Channel.IN_APP, subscription)
         elif name == Channel.WEBHOOK.value:
             problem = reach.problem(Channel.WEBHOOK) or ""
             if not problem:

@@ -16,13 +16,20 @@ from tidings.delivery.v1 import message_pb2
 from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 
 from services.delivery import messages_store
+from services.delivery.ids import uuid5_text
 from services.runtime import outbox
 from services.runtime.db import DBConnection
 from services.runtime.kafka import DELIVERY_RECEIPTS
 
-__all__ = ["RECEIPT_STATUS", "Fact", "record_facts"]
+__all__ = ["RECEIPT_STATUS", "Fact", "event_id", "record_facts"]
 
 _NAMESPACE = uuid.UUID("6f1d2c2e-8a53-4a0e-9d0b-8f7f2a1c9e51")
+
+
+def event_id(name: str) -> str:
+    """The receipt id of a (message, status, repeat) name: a UUIDv5, stable across replays."""
+    return uuid5_text(_NAMESPACE, name)
+
 
 #: Message status -> receipt status.
 RECEIPT_STATUS: dict[int, DeliveryReceipt.Status.ValueType] = {
@@ -35,6 +42,7 @@ RECEIPT_STATUS: dict[int, DeliveryReceipt.Status.ValueType] = {
     message_pb2.MESSAGE_STATUS_CLICKED: DeliveryReceipt.STATUS_CLICKED,
     message_pb2.MESSAGE_STATUS_UNSUBSCRIBED: DeliveryReceipt.STATUS_UNSUBSCRIBED,
     message_pb2.MESSAGE_STATUS_BOUNCED: DeliveryReceipt.STATUS_BOUNCED,
+    message_pb2.MESSAGE_STATUS_DISMISSED: DeliveryReceipt.STATUS_DISMISSED,
 }
 
 
@@ -63,7 +71,7 @@ class Fact:
     def receipt(self) -> DeliveryReceipt:
         """The receipt of this fact."""
         receipt = DeliveryReceipt(
-            event_id=str(uuid.uuid5(_NAMESPACE, f"{self.message_id}:{self.status}:{self.nth}")),
+            event_id=event_id(f"{self.message_id}:{self.status}:{self.nth}"),
             app_id=self.app_id,
             user_id=self.user_id,
             message_id=str(self.message_id),
@@ -79,7 +87,10 @@ class Fact:
             reason=self.reason,
             url=self.url[:2000],
         )
-        receipt.occurred_at.FromDatetime(self.time)
+        # Timestamp.FromDatetime is pure Python and shows at thousands of receipts a second.
+        micros = round(self.time.timestamp() * 1_000_000)
+        receipt.occurred_at.seconds, remainder = divmod(micros, 1_000_000)
+        receipt.occurred_at.nanos = remainder * 1000
         return receipt
 
 

@@ -12,11 +12,14 @@ works as users expect. The variables:
 * ``data``: send-time data (the request's, with per-user data such as CSV columns merged over);
 * ``message``: ``message_id``, ``channel``, ``broadcast_id``, ``requested_at_ms``.
 
-Compiled templates are cached by source (bounded), so a broadcast parses each field once.
+Compiled templates are cached by source (bounded), so a broadcast parses each field once; a
+field made only of text and ``{{ path }}`` / ``{{ path | default: 'text' }}`` outputs renders
+by plain substitution (Liquid's result, without its per-render machinery).
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,23 +68,94 @@ class _LimitedEnvironment(Environment):
     output_stream_limit = MAX_OUTPUT_CHARS
 
 
+#: ``{{ a.b.c }}`` or ``{{ a.b.c | default: 'text' }}``: the outputs the fast path renders.
+_SIMPLE_OUTPUT = re.compile(
+    r"""\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*"""
+    r"""(?:\|\s*default\s*:\s*(?:'([^'{}]*)'|"([^"{}]*)")\s*)?\}\}"""
+)
+_MISSING = object()
+#: Names Liquid gives a meaning of its own (literals, ``size``/``first``/``last``).
+_SPECIAL_NAMES = frozenset(
+    {"true", "false", "nil", "null", "empty", "blank", "size", "first", "last"}
+)
+
+
+class _Simple:
+    """A template made only of text and simple outputs, rendered without Liquid's machinery.
+
+    Broadcasts render the same few fields for every user; most are plain substitutions. Only
+    string and integer values are rendered here, exactly as Liquid would; anything else (a
+    missing variable without a default, a float, a list...) answers None and the field goes
+    through Liquid, which gives the strict error or its own formatting.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: list[str | tuple[tuple[str, ...], str | None]]) -> None:
+        self._parts = parts
+
+    @classmethod
+    def parse(cls, source: str) -> _Simple | None:
+        parts: list[str | tuple[tuple[str, ...], str | None]] = []
+        position = 0
+        for match in _SIMPLE_OUTPUT.finditer(source):
+            parts.append(source[position : match.start()])
+            default = match.group(2) if match.group(2) is not None else match.group(3)
+            path = tuple(match.group(1).split("."))
+            if _SPECIAL_NAMES.intersection(path):
+                return None
+            parts.append((path, default))
+            position = match.end()
+        parts.append(source[position:])
+        texts = [part for part in parts if isinstance(part, str)]
+        if any("{{" in text or "{%" in text for text in texts):
+            return None  # tags, filters or other expressions: Liquid renders it
+        return cls([part for part in parts if part != ""])
+
+    def render(self, variables: Mapping[str, Any]) -> str | None:
+        out: list[str] = []
+        for part in self._parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            path, default = part
+            value: Any = variables
+            for name in path:
+                if not isinstance(value, dict):
+                    return None  # a property of a list or a string: Liquid's business
+                value = value.get(name, _MISSING)
+                if value is _MISSING:
+                    break
+            if default is not None and (value is _MISSING or value == ""):
+                out.append(default)
+            elif type(value) is str or type(value) is int:
+                out.append(str(value))
+            else:
+                return None
+        return "".join(out)
+
+
 class _Env:
     """One Liquid environment and its compiled-template cache."""
 
     def __init__(self) -> None:
         self.env = _LimitedEnvironment(undefined=StrictDefaultUndefined)
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Any, _Simple | None]] = OrderedDict()
 
-    def compile(self, source: str) -> Any:
+    def compiled(self, source: str) -> tuple[Any, _Simple | None]:
+        """The Liquid template of ``source`` and, when it is simple, its fast form."""
         cached = self._cache.get(source)
         if cached is not None:
             self._cache.move_to_end(source)
             return cached
-        compiled = self.env.from_string(source)
-        self._cache[source] = compiled
+        entry = (self.env.from_string(source), _Simple.parse(source))
+        self._cache[source] = entry
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
-        return compiled
+        return entry
+
+    def compile(self, source: str) -> Any:
+        return self.compiled(source)[0]
 
 
 _ENV = _Env()
@@ -110,7 +184,12 @@ def _render(field: str, source: str, variables: Mapping[str, Any]) -> str:
     if "{" not in source:  # plain text: no parse, no render
         return source
     try:
-        return str(_ENV.compile(source).render(**variables))
+        template, simple = _ENV.compiled(source)
+        if simple is not None:
+            rendered = simple.render(variables)
+            if rendered is not None:
+                return rendered
+        return str(template.render(**variables))
     except liquid.exceptions.LiquidError as exc:
         raise RenderError(field, _first_line(exc)) from None
     except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:

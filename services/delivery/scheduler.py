@@ -81,7 +81,7 @@ UPDATE messages m SET state = 'failed', status = $3, sent_at = NULL, update_time
 FROM stuck
 WHERE m.app_id = stuck.app_id AND m.message_id = stuck.message_id
 RETURNING m.app_id, m.message_id, m.user_id, m.channel, m.subscription_id, m.idempotency_key,
-          m.broadcast_id, m.attempts
+          m.broadcast_id, m.attempts, m.journey_id, m.journey_node_id
 """
 
 
@@ -107,6 +107,8 @@ async def settle_stuck(
                 subscription_id=row["subscription_id"],
                 idempotency_key=row["idempotency_key"],
                 broadcast_id=str(row["broadcast_id"] or ""),
+                journey_id=row["journey_id"],
+                journey_node_id=row["journey_node_id"],
                 nth=f"u{row['attempts']}",
             )
             for row in rows

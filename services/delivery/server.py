@@ -26,13 +26,22 @@ from tidings.delivery.v1 import (
     template_pb2,
 )
 
-from services.delivery import app_settings, broadcasts, channel_configs, messages, sends, templates
+from services.delivery import (
+    app_settings,
+    broadcasts,
+    channel_configs,
+    in_app,
+    messages,
+    sends,
+    templates,
+)
 from services.delivery.access import client_or_server_app, server_app
 from services.delivery.broadcasts import FanOut
 from services.delivery.consumer import run_worker
 from services.delivery.identity_client import IdentityClient
 from services.delivery.preview import render_preview
 from services.delivery.providers.registry import Adapters, load_adapters
+from services.delivery.reports_http import ProviderReports
 from services.delivery.scheduler import run_scheduler
 from services.delivery.secrets_box import SecretBox
 from services.delivery.settings import DeliverySettings
@@ -380,6 +389,13 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
         )
         return delivery_service_pb2.ReportEngagementResponse(status=new)  # type: ignore[arg-type]
 
+    async def ListInAppMessages(
+        self, request: delivery_service_pb2.ListInAppMessagesRequest, context: _Context
+    ) -> delivery_service_pb2.ListInAppMessagesResponse:
+        """The in-app messages waiting for the caller's subscription."""
+        caller = client_or_server_app()
+        return await in_app.list_in_app(self._ctx.pool, caller.app_id, request, self._ctx.clock())
+
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, *, parts: Parts) -> list[str]:
     """Add delivery's servicer to ``server``; returns its full service name."""
@@ -399,7 +415,10 @@ async def _fan_out_task(ctx: ServiceContext, *, parts: Parts) -> None:
 
 
 async def _tracking_task(ctx: ServiceContext, *, parts: Parts) -> None:
-    server = TrackingServer(ctx, parts.links, parts.identity)
+    reports = ProviderReports(
+        ctx, parts.links, parts.box, parts.identity, parts.settings.tracking_base_url
+    )
+    server = TrackingServer(ctx, parts.links, parts.identity, reports)
     await server.run(parts.settings.tracking_host, parts.settings.tracking_port)
 
 

@@ -84,6 +84,10 @@ class TrackingLinks:
         """The open pixel's URL."""
         return f"{self._base}/o/{self.token(app_id, message_id)}"
 
+    def status_callback_url(self, app_id: str, message_id: uuid.UUID, provider: str) -> str:
+        """Where ``provider`` posts the delivery reports of one message (Twilio)."""
+        return f"{self._base}/p/{provider}/{self.token(app_id, message_id)}"
+
     def unsubscribe_url(self, app_id: str, message_id: uuid.UUID) -> str:
         """The one-click unsubscribe URL."""
         return f"{self._base}/u/{self.token(app_id, message_id)}"

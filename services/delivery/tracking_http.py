@@ -7,6 +7,7 @@ pixel and one-click unsubscribe, on a small asyncio HTTP/1.1 server.
   clients send for RFC 8058 ``List-Unsubscribe=One-Click``) opts the subscription out in
   identity and records UNSUBSCRIBED.
 
+Providers' delivery reports arrive under ``/p/`` (:mod:`services.delivery.reports_http`).
 Tokens are signed (:mod:`services.delivery.tracking`); anything else is ``404``. The redirect
 happens even if recording fails (the reader must reach the link); the failure is logged.
 """
@@ -25,6 +26,7 @@ from tidings.delivery.v1 import message_pb2
 
 from services.delivery.identity_client import IdentityClient
 from services.delivery.messages import engage
+from services.delivery.reports_http import ProviderReports
 from services.delivery.tracking import Tracked, TrackingLinks
 from services.runtime.app import ServiceContext
 from services.runtime.errors import DomainError
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 _PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 4 * 1024
+#: Bounce emails quote the original message.
+_MAX_REPORT_BODY = 1024 * 1024
 _IDLE_SECONDS = 30.0
 
 
@@ -46,12 +50,20 @@ class TrackingServer:
         ctx: The service context (pool, clock).
         links: Reads tokens.
         identity: Opts subscriptions out.
+        reports: Handles providers' delivery reports (``/p/...``).
     """
 
-    def __init__(self, ctx: ServiceContext, links: TrackingLinks, identity: IdentityClient) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        links: TrackingLinks,
+        identity: IdentityClient,
+        reports: ProviderReports,
+    ) -> None:
         self._ctx = ctx
         self._links = links
         self._identity = identity
+        self._reports = reports
         self._server: asyncio.Server | None = None
 
     @property
@@ -82,18 +94,31 @@ class TrackingServer:
                     name, _, value = line.partition(":")
                     if name:
                         headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                if length > _MAX_BODY:
-                    await self._write(writer, 413, "text/plain", b"too large", close=True)
-                    return
-                if length:
-                    await reader.readexactly(length)
                 parts = request_line.split(" ")
                 if len(parts) != 3:
                     await self._write(writer, 400, "text/plain", b"bad request", close=True)
                     return
                 method, target, _ = parts
-                status, content_type, body, extra = await self._route(method, target)
+                try:
+                    length = int(headers.get("content-length", "0") or 0)
+                except ValueError:
+                    length = -1
+                limit = _MAX_REPORT_BODY if target.startswith("/p/") else _MAX_BODY
+                if (
+                    length < 0
+                    or length > limit
+                    or "chunked" in headers.get("transfer-encoding", "")
+                ):
+                    await self._write(writer, 413, "text/plain", b"too large", close=True)
+                    return
+                data = await reader.readexactly(length) if length else b""
+                if target.startswith("/p/"):
+                    status, content_type, body = await self._reports.handle(
+                        method, target, headers, data
+                    )
+                    extra = None
+                else:
+                    status, content_type, body, extra = await self._route(method, target)
                 close = headers.get("connection", "").lower() == "close"
                 await self._write(writer, status, content_type, body, extra=extra, close=close)
                 if close:
@@ -118,9 +143,11 @@ class TrackingServer:
             200: "OK",
             302: "Found",
             400: "Bad Request",
+            403: "Forbidden",
             404: "Not Found",
             405: "Method Not Allowed",
             413: "Payload Too Large",
+            503: "Service Unavailable",
         }
         lines = [
             f"HTTP/1.1 {status} {reasons.get(status, 'OK')}",

@@ -3,19 +3,21 @@
 Per polled batch (records of many users and apps):
 
 1. Records of apps this deployment does not know are skipped. Each record's message row is
-   created if new (broadcast and journey records), then read: only a record whose dispatch is
-   the row's current one and whose row is ``queued`` goes on. A redelivered record, a stale
-   dispatch, or a message another worker already took does nothing.
+   read: only a record whose dispatch is the row's current one and whose row is ``queued``
+   goes on, or a first dispatch with no row yet (broadcast and journey records: their row is
+   written once, when decided). A redelivered record, a stale dispatch, or a message another
+   worker already took does nothing.
 2. Recipients are resolved with one identity ``BatchGetUsers`` per app (not per message), right
    before sending: the subscription state and erasures it shows are the latest.
 3. Policy (:mod:`services.delivery.policy`) decides send, defer or fail; templates render.
    Fails and defers are recorded (timeline, receipt, ledger) in one transaction.
-4. Sends go in chunks: the chunk's ledger rows are moved to ``sending`` and committed (the
-   ledger row written before the provider call), then the providers are called, concurrently
-   and rate-limited, then the outcomes are recorded in one transaction. A worker killed between
-   the two leaves ``sending`` rows: no record of them is ever acted on again (their dispatch is
-   no longer ``queued``), so the provider is never called twice for that key; the scheduler
-   marks them FAILED with reason OUTCOME_UNKNOWN after a while.
+4. Sends go in chunks: the chunk's ledger rows are moved to ``sending`` (or created
+   ``sending``, unique by message id and idempotency key, so only one worker's insert wins) and
+   committed (the ledger row written before the provider call), then the providers are called,
+   concurrently and rate-limited, then the outcomes are recorded in one transaction. A worker
+   killed between the two leaves ``sending`` rows: no record of them is ever acted on again
+   (their dispatch is no longer ``queued``), so the provider is never called twice for that
+   key; the scheduler marks them FAILED with reason OUTCOME_UNKNOWN after a while.
 5. RETRY outcomes are parked (``retry_wait``) with exponential backoff and jitter, honouring
    Retry-After; the scheduler puts them back on the topic as the next dispatch. After
    ``max_attempts`` provider calls the message fails (RETRIES_EXHAUSTED) and is dead-lettered.
@@ -113,6 +115,8 @@ class _Item:
 
     job: Job
     spec: message_pb2.MessageSpec | None
+    #: No ledger row yet: the outcome or the claim creates it.
+    new: bool = False
     user: user_pb2.User | None = None
     decision: _Decision | None = None
 
@@ -206,24 +210,6 @@ class Worker:
             return
         pool = self._ctx.pool
         async with pool.acquire() as conn:
-            await messages_store.insert_missing(
-                conn,
-                [
-                    NewMessage(
-                        app_id=job.app_id,
-                        message_id=job.message_id,
-                        idempotency_key=job.idempotency_key,
-                        user_id=job.request.user_id,
-                        broadcast_id=job.broadcast_id,
-                        state="queued",
-                        status=_STATUS_QUEUED,
-                        expire_at=job.expire_at,
-                    )
-                    for job in mine.values()
-                    if job.dispatch == 0
-                ],
-                now,
-            )
             rows = await messages_store.load_rows(conn, list(mine))
             broadcast_ids = {j.broadcast_id for j in mine.values() if j.broadcast_id}
             broadcasts = await load_broadcast_specs(conn, broadcast_ids)
@@ -231,11 +217,16 @@ class Worker:
         skipped = 0
         for key, job in mine.items():
             row = rows.get(key)
+            # A first dispatch without a row (broadcast and journey records) gets its row when
+            # decided: created in its outcome's state, or "sending" as the claim itself.
             if (
-                row is None
-                or row.idempotency_key != job.idempotency_key
-                or row.state != "queued"
-                or row.dispatch != job.dispatch
+                job.dispatch != 0
+                if row is None
+                else (
+                    row.idempotency_key != job.idempotency_key
+                    or row.state != "queued"
+                    or row.dispatch != job.dispatch
+                )
             ):
                 skipped += 1
                 continue
@@ -247,7 +238,7 @@ class Worker:
                     cancelled = found.cancelled
                     if spec is None:
                         spec = with_record_data(found.spec, job.request)
-            item = _Item(job=job, spec=spec)
+            item = _Item(job=job, spec=spec, new=row is None)
             if cancelled:
                 item.decision = _Fail("BROADCAST_CANCELLED", "the broadcast was cancelled")
             elif spec is None:
@@ -512,14 +503,37 @@ class Worker:
             request.occurred_at.FromDatetime(job.requested_at)
         return request.SerializeToString()
 
+    def _new_row(self, item: _Item, decision: _Fail | _Defer, user_id: str) -> NewMessage:
+        """The row of a first dispatch decided without a provider call (failed or deferred)."""
+        job = item.job
+        deferred = isinstance(decision, _Defer)
+        return NewMessage(
+            app_id=job.app_id,
+            message_id=job.message_id,
+            idempotency_key=job.idempotency_key,
+            user_id=user_id or job.request.user_id,
+            broadcast_id=job.broadcast_id,
+            state="deferred" if deferred else "failed",
+            status=_STATUS_DEFERRED if deferred else _STATUS_FAILED,
+            expire_at=job.expire_at,
+            due_at=decision.due_at if isinstance(decision, _Defer) else None,
+            request=self._parked_request(job, user_id) if deferred else None,
+            journey_id=job.request.journey_id,
+            journey_node_id=job.request.journey_node_id,
+            channel=decision.channel,
+        )
+
     async def _record_outcomes(self, items: list[_Item], now: datetime) -> None:
         finishes: list[Finish] = []
         parks: list[Park] = []
+        created: list[NewMessage] = []
         facts: dict[uuid.UUID, Fact] = {}
         deltas = BroadcastDeltas()
         for item in items:
             job, decision = item.job, item.decision
             user_id = item.user.user_id if item.user is not None else ""
+            if item.new and isinstance(decision, _Fail | _Defer):
+                created.append(self._new_row(item, decision, user_id))
             if isinstance(decision, _Fail):
                 finishes.append(
                     Finish(
@@ -571,9 +585,15 @@ class Worker:
                 deltas.add(job, deferred=1)
         if not finishes and not parks:
             return
+        fresh = {row.message_id for row in created}
         async with self._ctx.pool.acquire() as conn, conn.transaction():
-            changed = await messages_store.finish(conn, finishes, now)
-            changed |= await messages_store.park(conn, parks, now)
+            changed = await messages_store.insert_missing(conn, created, now)
+            changed |= await messages_store.finish(
+                conn, [f for f in finishes if f.message_id not in fresh], now
+            )
+            changed |= await messages_store.park(
+                conn, [p for p in parks if p.message_id not in fresh], now
+            )
             await record_facts(conn, [fact for mid, fact in facts.items() if mid in changed])
             await apply_deltas(conn, deltas.only(changed))
         failed = sum(1 for f in finishes if f.message_id in changed)
@@ -590,28 +610,57 @@ class Worker:
     ) -> tuple[list[_Item], list[ProviderResult]] | None:
         """Claim a chunk's ledger rows, then call the providers for the claimed ones."""
         now = self._clock()
-        claims = []
+        claims: list[Claim] = []
+        created: list[NewMessage] = []
         for item in items:
             decision = item.decision
             assert isinstance(decision, _Send)
             assert item.user is not None
+            job = item.job
             subscription = decision.target.subscription
-            claims.append(
-                Claim(
+            claim = Claim(
+                app_id=app_id,
+                message_id=job.message_id,
+                dispatch=job.dispatch,
+                user_id=item.user.user_id,
+                channel=decision.target.channel.value,
+                subscription_id=subscription.subscription_id if subscription else "",
+                template_id=decision.template_id,
+                template_version=decision.template_version,
+                counts_for_cap=decision.counts_for_cap,
+                content=decision.content.in_app.SerializeToString()
+                if decision.target.channel is Channel.IN_APP
+                else None,
+            )
+            if not item.new:
+                claims.append(claim)
+                continue
+            created.append(
+                NewMessage(
                     app_id=app_id,
-                    message_id=item.job.message_id,
-                    dispatch=item.job.dispatch,
-                    user_id=item.user.user_id,
-                    channel=decision.target.channel.value,
-                    subscription_id=subscription.subscription_id if subscription else "",
-                    template_id=decision.template_id,
-                    template_version=decision.template_version,
-                    counts_for_cap=decision.counts_for_cap,
+                    message_id=job.message_id,
+                    idempotency_key=job.idempotency_key,
+                    user_id=claim.user_id,
+                    broadcast_id=job.broadcast_id,
+                    state="sending",
+                    status=_STATUS_QUEUED,
+                    expire_at=job.expire_at,
+                    journey_id=job.request.journey_id,
+                    journey_node_id=job.request.journey_node_id,
+                    attempts=1,
+                    channel=claim.channel,
+                    subscription_id=claim.subscription_id,
+                    template_id=claim.template_id,
+                    template_version=claim.template_version,
+                    sent_at=now if claim.counts_for_cap else None,
+                    content=claim.content,
                 )
             )
-        # The ledger rows, committed before any provider call.
+        # The ledger rows, committed before any provider call. A row created here is the
+        # claim: a concurrent worker's insert of the same message or key creates nothing.
         async with self._ctx.pool.acquire() as conn:
             claimed = await messages_store.claim(conn, claims, now)
+            claimed |= await messages_store.insert_missing(conn, created, now)
         mine = [item for item in items if item.job.message_id in claimed]
         if not mine:
             return None
@@ -624,6 +673,9 @@ class Worker:
         decision = item.decision
         assert isinstance(decision, _Send)
         job, channel = item.job, decision.target.channel
+        if channel is Channel.IN_APP:
+            # Its content was stored with the claim; the SDK fetches it from there.
+            return ProviderResult(Outcome.SENT, detail="in_app:ready to fetch")
         adapter = self._adapters.get(channel)
         config = configs.get((job.app_id, channel))
         if adapter is None or config is None:
@@ -652,6 +704,11 @@ class Worker:
             recipient=recipient,
             content=content,
             ttl_seconds=ttl,
+            status_callback_url=self._links.status_callback_url(
+                job.app_id, job.message_id, "twilio"
+            )
+            if channel is Channel.SMS
+            else "",
         )
         await self._limits.bucket(job.app_id, channel, config.rate_limit).take()
         started = time.perf_counter()

@@ -33,6 +33,8 @@ from tests.identity.conftest import TestApp, bearer
 from tests.runtime.kafka_helpers import partitions_of
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
+#: TIDINGS_DELIVERY_SECRET_KEY of the test delivery process (it signs tracking tokens).
+TRACKING_SECRET = "test-delivery-secret"
 S = message_pb2
 
 
@@ -47,7 +49,7 @@ def delivery_env(identity_target: str, **extra: str) -> tuple[dict[str, str], in
         "TIDINGS_RETRY_BASE_SECONDS": "0.2",
         "TIDINGS_RETRY_MAX_SECONDS": "1",
         "TIDINGS_SCHEDULER_INTERVAL_SECONDS": "0.2",
-        "TIDINGS_DELIVERY_SECRET_KEY": "test-delivery-secret",
+        "TIDINGS_DELIVERY_SECRET_KEY": TRACKING_SECRET,
     }
     env.update(extra)
     return env, port
@@ -281,6 +283,7 @@ async def code_of(call: object) -> grpc.StatusCode:
 
 __all__ = [
     "SIGNING_SECRET",
+    "TRACKING_SECRET",
     "DeliveryHarness",
     "ReceiptFeed",
     "bearer",

@@ -6,8 +6,8 @@ keeps identity's reasons (API_KEY_INVALID, API_KEY_REVOKED).
 Rows:
     no key / malformed header / unknown key / revoked key -> UNAUTHENTICATED (every method)
     admin key                                             -> PERMISSION_DENIED (every method)
-    client key, except ReportEngagement                   -> PERMISSION_DENIED
-    client key on ReportEngagement, server key everywhere -> not refused (an empty request is
+    client key, except ReportEngagement, ListInAppMessages -> PERMISSION_DENIED
+    client key on those two, server key everywhere        -> not refused (an empty request is
                                                              answered, typically INVALID_ARGUMENT)
 """
 
@@ -39,7 +39,7 @@ from tests.identity.test_auth_matrix import (
 
 DELIVERY: ServiceDescriptor = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"]
 METHODS: tuple[MethodDescriptor, ...] = tuple(DELIVERY.methods)
-CLIENT_METHODS = frozenset({"ReportEngagement"})
+CLIENT_METHODS = frozenset({"ReportEngagement", "ListInAppMessages"})
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,21 @@ from __future__ import annotations
 import json
 import uuid
 
+import httpx
 from google.protobuf import struct_pb2, timestamp_pb2
 from tidings.delivery.v1 import channel_pb2, message_pb2, template_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 from tidings.events.v1.send_request_pb2 import SendRequest
+from tidings.identity.v1 import subscription_pb2 as spb
 
 from services.delivery.jobs import derive_message_id
+from services.delivery.secrets_box import SecretBox
+from services.delivery.tracking import TrackingLinks
 from services.runtime.kafka import DELIVERY_REQUESTS, Producer
 from tests.conftest import KAFKA_BOOTSTRAP
 from tests.delivery.sink import Sink
-from tests.delivery.support import DeliveryHarness, ReceiptFeed
+from tests.delivery.support import TRACKING_SECRET, DeliveryHarness, ReceiptFeed
 
 
 async def test_a_journey_record_is_sent_once_with_its_context(
@@ -75,3 +79,73 @@ async def test_a_journey_record_is_sent_once_with_its_context(
         "journey-1",
         "node-2",
     )
+
+
+async def test_engagement_receipts_of_a_journey_message_name_the_journey(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    """Opens and clicks, from the SDK and from the tracking endpoint, carry the journey ids the
+    journey's record had, so a journey waiting on a click matches it by journey and node."""
+    await harness.telegram_channel(sink.url)
+    template = await harness.delivery.CreateTemplate(
+        dpb.CreateTemplateRequest(
+            template=template_pb2.Template(
+                display_name=f"journey text {uuid.uuid4().hex[:6]}",
+                channel=channel_pb2.CHANNEL_TELEGRAM,
+                content=template_pb2.MessageContent(
+                    text=template_pb2.TextContent(text="Back for {{ event.sku }}?")
+                ),
+            )
+        ),
+        metadata=harness.server,
+    )
+    user = await harness.user()
+    subscription = await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, "4242")
+    key = f"journey-7:node-wait:visit-{uuid.uuid4().hex[:6]}"
+    properties = struct_pb2.Struct()
+    properties.update({"sku": "B-2"})
+    record = SendRequest(
+        event_id=str(uuid.uuid4()),
+        app_id=harness.app.app_id,
+        user_id=user.user_id,
+        idempotency_key=key,
+        template_id=template.template_id,
+        channels=["telegram"],
+        journey_id="journey-7",
+        journey_node_id="node-wait",
+        trigger_properties=properties,
+    )
+    message_id = str(derive_message_id(harness.app.app_id, key))
+    async with (
+        Producer(KAFKA_BOOTSTRAP, client_id="test-journey") as producer,
+        ReceiptFeed(harness.app.app_id) as feed,
+    ):
+        await producer.send(DELIVERY_REQUESTS, user.user_id, record)
+        await harness.wait_status(message_id, message_pb2.MESSAGE_STATUS_SENT)
+        await harness.delivery.ReportEngagement(
+            dpb.ReportEngagementRequest(
+                message_id=message_id,
+                subscription_id=subscription.subscription_id,
+                kind=dpb.ENGAGEMENT_KIND_CLICKED,
+                url="app://cart",
+            ),
+            metadata=harness.client,
+        )
+        links = TrackingLinks(
+            SecretBox(TRACKING_SECRET), f"http://127.0.0.1:{harness.tracking_port}"
+        )
+        pixel = links.open_url(harness.app.app_id, uuid.UUID(message_id))
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(pixel)).status_code == 200
+        await feed.until(
+            lambda _: bool(
+                feed.of(message_id, DeliveryReceipt.STATUS_CLICKED)
+                and feed.of(message_id, DeliveryReceipt.STATUS_OPENED)
+            )
+        )
+    engaged = feed.of(message_id, DeliveryReceipt.STATUS_CLICKED) + feed.of(
+        message_id, DeliveryReceipt.STATUS_OPENED
+    )
+    assert [(r.journey_id, r.journey_node_id, r.idempotency_key) for r in engaged] == [
+        ("journey-7", "node-wait", key)
+    ] * 2

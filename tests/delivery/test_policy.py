@@ -128,3 +128,22 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
         assert ceiling / 2 <= delay <= ceiling
     assert policy.backoff_seconds(1, base=1, maximum=60, retry_after=30, rng=rng) >= 30
     assert policy.backoff_seconds(20, base=1, maximum=60, retry_after=None, rng=rng) <= 60
+
+
+def test_in_app_goes_to_the_most_recently_active_enabled_device_opted_in_or_not() -> None:
+    user = _user(
+        _sub(spb.SUBSCRIPTION_TYPE_IOS_PUSH, "phone", active=100, opted_in=False),
+        _sub(spb.SUBSCRIPTION_TYPE_WEB_PUSH, "laptop", active=50),
+        _sub(spb.SUBSCRIPTION_TYPE_ANDROID_PUSH, "gone", active=300, enabled=False),
+        _sub(spb.SUBSCRIPTION_TYPE_EMAIL, "mail", active=400),
+    )
+    nothing = policy.Reachability(frozenset(), frozenset(), frozenset())
+    target = policy.choose_target(user, ["in_app"], nothing)  # no channel to configure
+    assert isinstance(target, policy.Target)
+    assert target.channel is Channel.IN_APP
+    assert target.subscription is not None
+    assert target.subscription.subscription_id == "phone"
+    only_email = _user(_sub(spb.SUBSCRIPTION_TYPE_EMAIL, "mail"))
+    assert policy.choose_target(only_email, ["in_app"], REACH) == "NO_SUBSCRIPTION"
+    disabled = _user(_sub(spb.SUBSCRIPTION_TYPE_IOS_PUSH, "p", enabled=False))
+    assert policy.choose_target(disabled, ["in_app"], REACH) == "SUBSCRIPTION_DISABLED"

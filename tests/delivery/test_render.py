@@ -80,3 +80,54 @@ def test_locale_variant_exact_then_language_then_default() -> None:
     assert choose_content(template, "es-mx")[1] == "es-MX"
     assert choose_content(template, "es")[1] == ""
     assert choose_content(template, "")[0].push.body == "hello"
+
+
+_VARIABLES = {
+    "user": {"first_name": "Ana", "void": "", "visits": 3, "attributes": {"plan": "gold"}},
+    "data": {
+        "n": 0,
+        "ratio": 1.5,
+        "flag": False,
+        "none": None,
+        "items": ["a", "b"],
+        "nested": {"k": "v"},
+        "hollow": "",
+        "html": "<b>&</b>",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "Hi {{ user.first_name }}!",
+        "{{user.first_name}}{{ user.visits }}",
+        "{{ user.nickname | default: 'there' }}",
+        '{{ user.nickname | default: "there" }} and {{ user.void | default: "x" }}',
+        "{{ user.attributes.plan }} {{ data.n }} {{ data.n | default: 'zero' }}",
+        "{{ data.ratio }} {{ data.flag }} {{ data.flag | default: 'no' }}",
+        "{{ data.none | default: 'nil' }} {{ data.items }} {{ data.items.size }}",
+        "{{ data.items.first | default: 'x' }} {{ data.nested | default: 'x' }}",
+        "{{ data.nested.size | default: 'x' }} {{ data.html }}",
+        "{{ true | default: 'x' }} {{ nil | default: 'x' }}",
+        "{{ user.first_name | upcase }}",
+        "{% if user.first_name %}yes{% endif %} {{ user.first_name }}",
+        "{{ user.first_name.size }} {{ data.hollow | default: 'b' }}",
+        "{{ data.missing | default: 'a' }}{{ user.first_name | default: '' }}",
+    ],
+)
+def test_simple_outputs_render_exactly_as_liquid(source: str) -> None:
+    """The substitution fast path never answers differently from Liquid itself."""
+    from services.delivery import render
+
+    expected = render._ENV.env.from_string(source).render(**_VARIABLES)
+    assert render._render("f", source, _VARIABLES) == expected
+
+
+def test_a_missing_variable_without_default_fails_on_the_fast_path_too() -> None:
+    from services.delivery import render
+
+    with pytest.raises(RenderError, match=r"user\.nickname"):
+        render._render("push.body", "Hi {{ user.nickname }}", _VARIABLES)
+    with pytest.raises(RenderError):
+        render._render("push.body", "Hi {{ user.first_name ", _VARIABLES)

@@ -26,6 +26,8 @@ class Channel(StrEnum):
     WHATSAPP = "whatsapp"
     TELEGRAM = "telegram"
     WEBHOOK = "webhook"
+    #: No provider: the app's SDK fetches it (ListInAppMessages).
+    IN_APP = "in_app"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,9 @@ class OutboundMessage:
     recipient: Recipient
     content: Content
     ttl_seconds: int | None = None
+    #: Where the provider should post its delivery reports for this message (Twilio's
+    #: ``StatusCallback``); empty when delivery has no public endpoint for it.
+    status_callback_url: str = ""
 
 
 class Outcome(StrEnum):
@@ -137,6 +142,33 @@ class ProviderResult:
     detail: str = ""
     token_invalid: bool = False
     retry_after: float | None = None
+
+
+class ReportKind(StrEnum):
+    """What a provider's delivery report says about a message it accepted."""
+
+    DELIVERED = "delivered"  #: reached the device, handset or mailbox
+    FAILED = "failed"  #: not delivered, for a reason that says nothing about the address
+    BOUNCED = "bounced"  #: not delivered: the address refused it (``token_invalid`` if dead)
+    READ = "read"  #: read receipt (WhatsApp blue ticks)
+    COMPLAINED = "complained"  #: the recipient reported it as spam (email feedback loop)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """One message's fate, as a provider reported it after accepting it.
+
+    Attributes:
+        provider_message_id: The provider's id of the message (Twilio SID, WhatsApp ``wamid``,
+            email ``Message-ID`` without angle brackets); empty when the report's URL names it.
+        detail: The provider's words, prefixed by the adapter name (``twilio:30005``).
+        token_invalid: The address is dead: identity disables the subscription.
+    """
+
+    kind: ReportKind
+    provider_message_id: str = ""
+    detail: str = ""
+    token_invalid: bool = False
 
 
 class CredentialsError(ValueError):

@@ -5,7 +5,7 @@
 
 Credentials: ``account_sid``, ``auth_token``, and ``from_number`` (E.164 or an alphanumeric
 sender id) or ``messaging_service_sid``; optional ``status_callback`` (Twilio posts delivery
-reports there) and ``endpoint``.
+reports there instead of to Tidings' own per-message callback) and ``endpoint``.
 
 Answers: 201 is SENT (the ``sid``); Twilio error codes 21211 (invalid 'To' number), 21614 (not
 a mobile number) and 21610 (the recipient replied STOP) fail and mark the number dead; 429 (and
@@ -84,8 +84,10 @@ class TwilioSmsAdapter:
             form["MessagingServiceSid"] = config.service_sid
         else:
             form["From"] = config.from_number
-        if config.status_callback:
-            form["StatusCallback"] = config.status_callback
+        # An explicit status_callback sends Twilio's reports to the app instead of to Tidings.
+        status_callback = config.status_callback or message.status_callback_url
+        if status_callback:
+            form["StatusCallback"] = status_callback
         answer = await self._http.request(
             self.name,
             "POST",

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import httpx
 
 from tests.delivery.providers.fakes.server import FakeHttpServer, Reply, Request
 
@@ -99,6 +104,37 @@ class FakeTwilio(FakeHttpServer):
                 "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sms.sid}.json",
             },
         )
+
+    async def report_status(
+        self, sms: Sms, status: str, error_code: str = "", *, auth_token: str | None = None
+    ) -> httpx.Response:
+        """Post the status callback Twilio would for ``sms`` (signed with the auth token, or
+        with ``auth_token`` to forge one)."""
+        fields = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "From": sms.sender,
+            "MessageSid": sms.sid,
+            "MessageStatus": status,
+            "SmsSid": sms.sid,
+            "SmsStatus": status,
+            "To": sms.to,
+        }
+        if error_code:
+            fields["ErrorCode"] = error_code
+        # X-Twilio-Signature: HMAC-SHA1 of the URL then each name+value, sorted by name.
+        signed = sms.status_callback + "".join(k + v for k, v in sorted(fields.items()))
+        mac = hmac.new((auth_token or self.auth_token).encode(), signed.encode(), hashlib.sha1)
+        async with httpx.AsyncClient() as client:
+            return await client.post(
+                sms.status_callback,
+                content=urlencode(fields),
+                headers={
+                    "content-type": "application/x-www-form-urlencoded",
+                    "x-twilio-signature": base64.b64encode(mac.digest()).decode(),
+                    "user-agent": "TwilioProxy/1.1",
+                },
+            )
 
 
 def _basic(user: str, password: str) -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
 import secrets
+import time
 from typing import Any
+
+import httpx
 
 from tests.delivery.providers.fakes.server import FakeHttpServer, Reply, Request
 
@@ -101,6 +107,61 @@ class FakeWhatsApp(FakeHttpServer):
                 "messages": [{"id": message_id, "message_status": "accepted"}],
             },
         )
+
+    async def verify_webhook(self, url: str, verify_token: str) -> httpx.Response:
+        """The GET Meta makes when a webhook URL is configured."""
+        params = {"hub.mode": "subscribe", "hub.verify_token": verify_token, "hub.challenge": "8f3"}
+        async with httpx.AsyncClient() as client:
+            return await client.get(url, params=params)
+
+    async def post_statuses(
+        self, url: str, app_secret: str, statuses: list[tuple[str, str, int | None]]
+    ) -> httpx.Response:
+        """Post a status webhook as Meta does: ``(wamid, status, error code)`` each, signed
+        ``X-Hub-Signature-256`` with the app secret."""
+        now = str(int(time.time()))
+        items = []
+        for wamid, status, code in statuses:
+            item: dict[str, Any] = {
+                "id": wamid,
+                "status": status,
+                "timestamp": now,
+                "recipient_id": "14155550100",
+            }
+            if code is not None:
+                title = ERRORS.get(code, (400, "Error", ""))[1]
+                item["errors"] = [{"code": code, "title": title}]
+            items.append(item)
+        body = json.dumps(
+            {
+                "object": "whatsapp_business_account",
+                "entry": [
+                    {
+                        "id": "102290129340398",
+                        "changes": [
+                            {
+                                "field": "messages",
+                                "value": {
+                                    "messaging_product": "whatsapp",
+                                    "metadata": {"phone_number_id": self.phone_number_id},
+                                    "statuses": items,
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ).encode()
+        mac = hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+        async with httpx.AsyncClient() as client:
+            return await client.post(
+                url,
+                content=body,
+                headers={
+                    "content-type": "application/json",
+                    "x-hub-signature-256": f"sha256={mac}",
+                },
+            )
 
 
 def _graph_error(code: int) -> Reply:
