@@ -11,6 +11,7 @@ Pure: the SQL is in :mod:`services.identity.users_store`, the calls that store d
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -93,6 +94,7 @@ class CustomerField:
     create_time: datetime | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def attribute_name_problem(name: str) -> str | None:
     """What is wrong with a custom attribute name, or None if it is acceptable."""
     if not name:

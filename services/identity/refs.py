@@ -18,7 +18,7 @@ from typing import ClassVar
 from tidings.identity.v1.user_ref_pb2 import UserRef
 
 from services.identity import users_store
-from services.identity.validation import check_alias, check_external_id
+from services.identity.validation import check_alias, external_id_problem
 from services.runtime.db import DBConnection
 from services.runtime.errors import DomainError, FieldViolations, InvalidArgument, NotFound
 
@@ -108,9 +108,13 @@ def parse_ref(ref: UserRef, field: str, violations: FieldViolations) -> RefKey |
         user_id = parse_uuid(ref.user_id, f"{field}.user_id", violations)
         return ByUserId(user_id) if user_id is not None else None
     if kind == "external_id":
-        before = len(violations)
-        check_external_id(ref.external_id, f"{field}.external_id", violations)
-        return ByExternalId(ref.external_id) if len(violations) == before else None
+        external_id = ref.external_id
+        problem = external_id_problem(external_id)
+        if problem is None:
+            return ByExternalId(external_id)
+        # What check_external_id records, without its per-call path string on success.
+        violations.add(f"{field}.external_id", problem, reason="INVALID_ID")
+        return None
     if kind == "alias":
         before = len(violations)
         check_alias(ref.alias.label, ref.alias.value, f"{field}.alias", violations)

@@ -33,9 +33,10 @@ import calendar
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from operator import attrgetter
 
 import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -55,12 +56,12 @@ from services.identity.validation import (
     MAX_NAME_LENGTH,
     check_alias,
     check_alias_label,
-    check_country,
-    check_email,
-    check_external_id,
-    check_language,
-    check_phone,
-    check_timezone,
+    external_id_problem,
+    normalize_country,
+    normalize_email,
+    normalize_language,
+    normalize_phone,
+    normalize_timezone,
     text_problem,
 )
 from services.runtime.db import DBConnection
@@ -274,33 +275,55 @@ def _birthdate(
 
 
 def _standard_value(
-    name: str, user: UserFields, path: str, today: date, v: FieldViolations
+    name: str, user: UserFields, prefix: str, today: date, v: FieldViolations
 ) -> str | Birthdate | None:
-    """The checked, normalised value of standard field ``name``; None clears it."""
+    """The checked, normalised value of standard field ``name``; None clears it.
+
+    Its field path is ``prefix`` + ``name``, built only for a violation (this runs for every
+    field of every item of a batch).
+    """
     if name == "birthdate":
-        return _birthdate(user.birthdate, path, today, v) if user.birthdate else None
+        return _birthdate(user.birthdate, prefix + name, today, v) if user.birthdate else None
     text: str = getattr(user, name)
     if not text:
         return None
     if name in _TEXT_FIELDS:
         problem = text_problem(text, max_length=MAX_NAME_LENGTH)
         if problem is not None:
-            v.add(path, problem, reason="INVALID_TEXT")
+            v.add(prefix + name, problem, reason="INVALID_TEXT")
         return text
-    check = {
-        "email": check_email,
-        "phone": check_phone,
-        "timezone": check_timezone,
-        "language": check_language,
-        "country": check_country,
-    }[name]
-    return check(text, path, v)
+    # What validation.check_email and its siblings do, with the path built only on failure.
+    normalize, reason = _NORMALIZERS[name]
+    try:
+        return normalize(text)
+    except ValueError as exc:
+        v.add(prefix + name, str(exc), reason=reason)
+        return None
 
 
-def _attribute_value(value: RawValue, path: str, v: FieldViolations) -> AttributeValue | None:
-    """The checked value; None (and a violation) when it is not acceptable."""
-    if isinstance(value, InvalidValue):
-        v.add(path, value.problem, reason="INVALID_ATTRIBUTE_VALUE")
+#: The normaliser of each standard text field other than the names, and the reason of its
+#: violation (as :mod:`~services.identity.validation`'s ``check_*`` functions record them).
+_NORMALIZERS: dict[str, tuple[Callable[[str], str], str]] = {
+    "email": (normalize_email, "INVALID_EMAIL"),
+    "phone": (normalize_phone, "INVALID_PHONE"),
+    "timezone": (normalize_timezone, "INVALID_TIMEZONE"),
+    "language": (normalize_language, "INVALID_LANGUAGE"),
+    "country": (normalize_country, "INVALID_COUNTRY"),
+}
+
+
+def _attribute_value(
+    value: RawValue, prefix: str, name: str, v: FieldViolations
+) -> AttributeValue | None:
+    """The checked value; None (and a violation for ``prefix`` + ``name``) when it is not
+    acceptable."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+    elif isinstance(value, bool | datetime):
+        return value
+    elif isinstance(value, InvalidValue):
+        v.add(prefix + name, value.problem, reason="INVALID_ATTRIBUTE_VALUE")
         return None
     problem: str | None = None
     if isinstance(value, str):
@@ -313,7 +336,7 @@ def _attribute_value(value: RawValue, path: str, v: FieldViolations) -> Attribut
     elif isinstance(value, float) and not math.isfinite(value):
         problem = "numbers must be finite"
     if problem is not None:
-        v.add(path, problem, reason="INVALID_ATTRIBUTE_VALUE")
+        v.add(prefix + name, problem, reason="INVALID_ATTRIBUTE_VALUE")
         return None
     return value
 
@@ -348,7 +371,7 @@ def prepare_write(request: UpsertRequest, *, today: date) -> UserWrite:
         for path in dict.fromkeys(request.update_mask):
             head, _, rest = path.partition(".")
             if path in STANDARD_FIELDS:
-                standard[path] = _standard_value(path, user, f"{p}user.{path}", today, v)
+                standard[path] = _standard_value(path, user, f"{p}user.", today, v)
             elif path == "external_id":
                 if not user.external_id:
                     v.add(f"{p}user.external_id", "an external id cannot be removed")
@@ -365,25 +388,28 @@ def prepare_write(request: UpsertRequest, *, today: date) -> UserWrite:
             else:
                 v.add(f"{p}update_mask", f"unknown field path {path!r}", reason="UNKNOWN_FIELD")
     else:
+        user_prefix = f"{p}user."
         for name in STANDARD_FIELDS:
             if getattr(user, name):
-                standard[name] = _standard_value(name, user, f"{p}user.{name}", today, v)
+                standard[name] = _standard_value(name, user, user_prefix, today, v)
         external_id = user.external_id or None
         attributes.update(user.attributes)
 
     if external_id:
-        check_external_id(external_id, f"{p}user.external_id", v)
+        problem = external_id_problem(external_id)
+        if problem is not None:
+            v.add(f"{p}user.external_id", problem, reason="INVALID_ID")
         if isinstance(request.ref, ByExternalId) and request.ref.external_id != external_id:
             v.add(f"{p}user.external_id", "must match ref.external_id", reason="REF_MISMATCH")
 
     checked: dict[str, AttributeValue | None] = {}
+    attributes_prefix = f"{p}user.attributes."
     for name, raw in attributes.items():
-        path = f"{p}user.attributes.{name}"
         problem = attribute_name_problem(name)
         if problem is not None:
-            v.add(path, problem, reason="INVALID_ATTRIBUTE_NAME")
+            v.add(attributes_prefix + name, problem, reason="INVALID_ATTRIBUTE_NAME")
         elif raw is not None:
-            checked[name] = _attribute_value(raw, path, v)
+            checked[name] = _attribute_value(raw, attributes_prefix, name, v)
         else:
             checked[name] = None
     if replace_attributes:
@@ -416,7 +442,20 @@ def prepare_write(request: UpsertRequest, *, today: date) -> UserWrite:
 # -- applying a write ----------------------------------------------------------------------------
 
 
+#: The field type of a value, by its exact type (the common case; subclasses take _type_of).
+_TYPE_OF: dict[type, FieldType] = {
+    str: FieldType.STRING,
+    float: FieldType.NUMBER,
+    int: FieldType.NUMBER,
+    bool: FieldType.BOOL,
+    datetime: FieldType.TIMESTAMP,
+}
+
+
 def _type_of(value: AttributeValue) -> FieldType:
+    known = _TYPE_OF.get(type(value))
+    if known is not None:
+        return known
     # bool first: in Python a bool is also an int.
     if isinstance(value, bool):
         return FieldType.BOOL
@@ -428,6 +467,9 @@ def _type_of(value: AttributeValue) -> FieldType:
 
 
 def _stored(value: AttributeValue) -> JsonScalar:
+    kind = type(value)
+    if kind is str or kind is float or kind is bool:
+        return value  # type: ignore[return-value]  # narrowed by the exact type
     if isinstance(value, datetime):
         return users_store.format_timestamp(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -438,12 +480,17 @@ def _stored(value: AttributeValue) -> JsonScalar:
 def _check_type(
     name: str,
     wanted: FieldType,
-    path: str,
+    path_prefix: str,
     catalog: FieldCatalog,
     proposed: dict[str, CustomerField],
     v: FieldViolations,
 ) -> None:
+    """Check ``name`` may hold a ``wanted`` value; its field path is ``path_prefix`` + name
+    (built only for a violation: this runs for every attribute of every item)."""
     defined = catalog.type_of(name) or (proposed[name].type if name in proposed else None)
+    if defined is wanted:
+        return
+    path = f"{path_prefix}{name}"
     if defined is None:
         if catalog.auto_define:
             proposed[name] = CustomerField(name=name, type=wanted, auto_defined=True)
@@ -493,16 +540,20 @@ def apply_write(
         )
     v = FieldViolations()
     proposed: dict[str, CustomerField] = {}
+    attributes_path = f"{p}user.attributes."
     attributes: dict[str, JsonScalar] = {} if write.replace_attributes else dict(profile.attributes)
+    type_of = catalog.type_of
     for name, value in write.attributes.items():
         if value is None:
             attributes.pop(name, None)
             continue
-        _check_type(name, _type_of(value), f"{p}user.attributes.{name}", catalog, proposed, v)
+        wanted = _type_of(value)
+        if type_of(name) is not wanted:  # the common case (defined, same type) needs no call
+            _check_type(name, wanted, attributes_path, catalog, proposed, v)
         attributes[name] = _stored(value)
     for name, amount in write.increments.items():
         path = f"{p}increment_attributes.{name}"
-        _check_type(name, FieldType.NUMBER, path, catalog, proposed, v)
+        _check_type(name, FieldType.NUMBER, f"{p}increment_attributes.", catalog, proposed, v)
         current = attributes.get(name, 0.0)
         if isinstance(current, bool) or not isinstance(current, float | int):
             v.add(path, f"{name!r} does not hold a number", reason="FIELD_TYPE_MISMATCH")
@@ -522,12 +573,32 @@ def apply_write(
             ),
             metadata={"limit": str(MAX_ATTRIBUTES)},
         )
-    new = replace(profile, attributes=attributes)
+    new = _with_attributes(profile, attributes)
     if write.external_id is not None:
         new.external_id = write.external_id
     for name, standard_value in write.standard.items():
         setattr(new, name, standard_value)
     return new, list(proposed.values())
+
+
+def _with_attributes(profile: Profile, attributes: dict[str, JsonScalar]) -> Profile:
+    """A copy of ``profile`` holding ``attributes`` (``dataclasses.replace`` costs several
+    times more, paid per item of a batch)."""
+    return Profile(
+        profile.user_id,
+        profile.create_time,
+        profile.update_time,
+        profile.external_id,
+        profile.first_name,
+        profile.last_name,
+        profile.email,
+        profile.phone,
+        profile.birthdate,
+        profile.timezone,
+        profile.language,
+        profile.country,
+        attributes,
+    )
 
 
 def _violation(field_path: str, description: str) -> tuple[FieldViolation, ...]:
@@ -540,20 +611,28 @@ def changed_fields(before: Profile | None, after: Profile) -> list[str]:
 
     For a new profile (``before`` None), the fields it was created with.
     """
-    old = before or Profile(
-        user_id=after.user_id, create_time=after.create_time, update_time=after.update_time
+    if before is None:
+        # Against an empty profile: whatever is set (attribute values are never None).
+        names = [name for name in _COMPARED_NAMES if getattr(after, name) is not None]
+        names.extend(f"attributes.{name}" for name in sorted(after.attributes))
+        return names
+    old = before
+    names = (
+        []
+        if _COMPARED(old) == _COMPARED(after)
+        else [name for name in _COMPARED_NAMES if getattr(old, name) != getattr(after, name)]
     )
-    names = [
-        name
-        for name in ("external_id", *STANDARD_FIELDS)
-        if getattr(old, name) != getattr(after, name)
-    ]
     for name in sorted(old.attributes.keys() | after.attributes.keys()):
         mine, theirs = old.attributes.get(name), after.attributes.get(name)
         # 1 and True compare equal in Python; a type change is a change.
         if mine != theirs or type(mine) is not type(theirs):
             names.append(f"attributes.{name}")
     return names
+
+
+#: The profile's own fields :func:`changed_fields` compares, and a getter of all of them.
+_COMPARED_NAMES = ("external_id", *STANDARD_FIELDS)
+_COMPARED = attrgetter(*_COMPARED_NAMES)
 
 
 # -- a batch -------------------------------------------------------------------------------------
@@ -688,6 +767,7 @@ class BatchPlan:
         occurred_at = Timestamp()
         occurred_at.FromDatetime(self._at)
         event_ids = _event_ids(len(self._targets))
+        template = IdentityChange(app_id=app_id, occurred_at=occurred_at)
         for user_id, target in self._targets.items():
             names = changed_fields(target.before, target.profile)
             if target.before is None:
@@ -701,17 +781,17 @@ class BatchPlan:
                 kind = changes.Kind.KIND_USER_UPDATED
             else:
                 continue
-            facts.append(
-                IdentityChange(
-                    event_id=next(event_ids),
-                    app_id=app_id,
-                    user_id=str(user_id),
-                    kind=kind,
-                    occurred_at=occurred_at,
-                    external_id=target.profile.external_id or "",
-                    changed_fields=sorted(names),
-                )
-            )
+            # From a template holding the fields every fact of the batch shares: cheaper than
+            # the keyword constructor, which copies the timestamp message each time.
+            fact = IdentityChange()
+            fact.CopyFrom(template)
+            fact.event_id = next(event_ids)
+            fact.user_id = str(user_id)
+            fact.kind = kind
+            if target.profile.external_id:
+                fact.external_id = target.profile.external_id
+            fact.changed_fields.extend(sorted(names))
+            facts.append(fact)
         # A fixed order of inserts: two batches creating the same keys wait on each other
         # instead of deadlocking.
         created.sort(key=lambda p: (p.external_id or "", p.user_id))
@@ -733,8 +813,10 @@ def _keys_of(writes: Sequence[UserWrite | DomainError]) -> list[RefKey]:
     keys: list[RefKey] = []
     for write in writes:
         if isinstance(write, UserWrite):
-            keys.append(write.ref)
-            if write.external_id is not None:
+            ref = write.ref
+            keys.append(ref)
+            # An external_id ref already names the id written (prepare_write checked they match).
+            if write.external_id is not None and not isinstance(ref, ByExternalId):
                 keys.append(ByExternalId(write.external_id))
     return keys
 

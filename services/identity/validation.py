@@ -45,6 +45,7 @@ __all__ = [
     "check_phone",
     "check_text",
     "check_timezone",
+    "external_id_problem",
     "is_placeholder_id",
     "normalize_country",
     "normalize_email",
@@ -184,7 +185,12 @@ def check_text(value: str, field: str, violations: FieldViolations, *, max_lengt
         violations.add(field, problem, reason="INVALID_TEXT")
 
 
-def _id_problem(value: str) -> str | None:
+def external_id_problem(value: str) -> str | None:
+    """What makes ``value`` unacceptable as an external id or alias value, or None.
+
+    The rules of :func:`check_external_id`, for callers that build the field path only when
+    there is a problem.
+    """
     if not value.strip():
         return "must not be empty"
     if is_placeholder_id(value):
@@ -206,7 +212,7 @@ def check_external_id(value: str, field: str, violations: FieldViolations) -> No
         field: Its path in the request (``user.external_id``).
         violations: Where to record the problem.
     """
-    problem = _id_problem(value)
+    problem = external_id_problem(value)
     if problem is not None:
         violations.add(field, problem, reason="INVALID_ID")
 
