@@ -315,7 +315,9 @@ def _upsert_calls(
     rows = customer_rows(indexes, generation=generation)
     return [
         identity_service_pb2.BatchUpsertUsersRequest(
-            requests=[_upsert_request(row) for row in rows[start : start + EVENTS_PER_CALL]]
+            requests=[_upsert_request(row) for row in rows[start : start + EVENTS_PER_CALL]],
+            # What a bulk sync asks for: ids and errors, not 1,000 profiles echoed back.
+            result_view=identity_service_pb2.BatchUpsertUsersRequest.RESULT_VIEW_IDS,
         )
         for start in range(0, len(rows), EVENTS_PER_CALL)
     ]

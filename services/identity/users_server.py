@@ -303,11 +303,17 @@ class UsersRpcs:
         ]
         async with self._ctx.pool.acquire() as conn:
             results = await users.upsert_users(conn, caller.app_id, items, at=self._ctx.clock())
+        ids_only = request.result_view == pb.BatchUpsertUsersRequest.RESULT_VIEW_IDS
         response = pb.BatchUpsertUsersResponse()
         add = response.results.add
         for result in results:
             if isinstance(result, DomainError):
                 add(error=_status(result))
+            elif ids_only:
+                user = add(created=result.created).user
+                user.user_id = str(result.profile.user_id)
+                if result.profile.external_id:
+                    user.external_id = result.profile.external_id
             else:
                 item = add(created=result.created)
                 _fill_upserted(item.user, result)

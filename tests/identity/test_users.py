@@ -594,6 +594,29 @@ async def test_batch_upsert_partial_success_in_order(
     assert (await _get(identity_stub, app, ext(c))).attributes["n"] == n(3)
 
 
+async def test_batch_upsert_ids_view_answers_ids_and_errors_only(
+    identity_stub: IdentityServiceStub, app: AppKeys
+) -> None:
+    a = new_id()
+    requests = [
+        pb.UpsertUserRequest(ref=ext(a), user=user_pb2.User(first_name="A", language="fr")),
+        pb.UpsertUserRequest(ref=ext(new_id()), user=user_pb2.User(phone="12")),
+    ]
+    response = await identity_stub.BatchUpsertUsers(
+        pb.BatchUpsertUsersRequest(
+            requests=requests, result_view=pb.BatchUpsertUsersRequest.RESULT_VIEW_IDS
+        ),
+        metadata=app.server,
+    )
+    first, second = response.results
+    assert first.created
+    assert (first.user.external_id, bool(first.user.user_id)) == (a, True)
+    assert (first.user.first_name, first.user.language) == ("", "")
+    assert item_failure(second.error).fields == ["requests[1].user.phone"]
+    stored = await _get(identity_stub, app, ext(a))
+    assert (stored.user_id, stored.first_name) == (first.user.user_id, "A")
+
+
 async def test_batch_sizes_are_limited(identity_stub: IdentityServiceStub, app: AppKeys) -> None:
     too_many = [pb.UpsertUserRequest(ref=ext(f"x{i}")) for i in range(1001)]
     result = await failure(
