@@ -2,7 +2,9 @@
 # Runs the three services as native processes against the local stack (scripts/stack.sh).
 #
 #   scripts/dev.sh up      start identity, journey and delivery (each its own process), wait until
-#                          each health check answers SERVING, print how to reach them
+#                          each health check answers SERVING, print how to reach them, then run
+#                          the demos (scripts/demo.sh: identity; scripts/demo_story.sh: a journey
+#                          with its statistics)
 #   scripts/dev.sh down    SIGTERM them and wait for a clean exit
 #   scripts/dev.sh status  say which run
 set -euo pipefail
@@ -68,6 +70,8 @@ TXT
   done
   printf '\nA first session with identity (scripts/demo.sh; run it again any time):\n'
   "$ROOT/scripts/demo.sh" 2>&1 >/dev/null
+  printf '\nThe journey story (scripts/demo_story.sh; half a minute; docs/journey.md explains it):\n'
+  "$ROOT/scripts/demo_story.sh" 2>&1 >/dev/null
 }
 
 down() {

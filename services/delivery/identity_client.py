@@ -3,9 +3,8 @@
 IdentityService answers only app keys (the admin key is refused there), so delivery holds one
 server key per app, minted with the admin key through ``AppsService.CreateApiKey`` the first
 time the app needs it (display name ``tidings-delivery``), stored encrypted in
-``identity_keys`` and cached in memory. Two workers minting at once: the first insert wins and
-the loser revokes its own key. A key someone revoked is noticed (UNAUTHENTICATED), forgotten and
-minted again once.
+``identity_keys`` and cached in memory (:mod:`services.runtime.service_keys`, shared with
+journey). A key someone revoked is noticed (UNAUTHENTICATED), forgotten and minted again once.
 
 Errors: identity unreachable -> :class:`Unavailable` (workers retry the batch; RPCs answer
 UNAVAILABLE); a user or segment that does not exist -> None / :class:`NotFound`.
@@ -14,7 +13,6 @@ UNAVAILABLE); a user or segment that does not exist -> None / :class:`NotFound`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -23,8 +21,6 @@ import grpc
 import grpc.aio
 from google.protobuf import field_mask_pb2
 from tidings.identity.v1 import (
-    app_pb2,
-    apps_service_pb2,
     apps_service_pb2_grpc,
     identity_service_pb2,
     identity_service_pb2_grpc,
@@ -36,6 +32,7 @@ from tidings.identity.v1 import (
 
 from services.delivery.secrets_box import SecretBox
 from services.runtime.errors import NotFound, Unavailable
+from services.runtime.service_keys import ServiceKeys
 
 __all__ = ["BATCH_GET_MAX", "IdentityClient"]
 
@@ -77,8 +74,9 @@ class IdentityClient:
         self._admin_key = admin_key
         self._pool = pool
         self._box = box
-        self._keys: dict[str, tuple[str, str]] = {}  # app -> (key id, secret)
-        self._minting: dict[str, asyncio.Lock] = {}
+        self._service_keys = ServiceKeys(
+            lambda: self._stubs()[1], admin_key, pool, box, key_name=_KEY_NAME
+        )
         self._channel: grpc.aio.Channel | None = None
         self._identity: Any = None
         self._apps: Any = None
@@ -99,89 +97,18 @@ class IdentityClient:
         if channel is not None:
             await channel.close(None)
 
-    # --- keys -----------------------------------------------------------------------------
+    # --- keys (minted, sealed, cached and renewed by services.runtime.service_keys) ---------
 
     async def _key(self, app_id: str) -> tuple[str, str]:
-        cached = self._keys.get(app_id)
-        if cached is not None:
-            return cached
-        lock = self._minting.setdefault(app_id, asyncio.Lock())
-        async with lock:
-            cached = self._keys.get(app_id)
-            if cached is not None:
-                return cached
-            row = await self._pool().fetchrow(
-                "SELECT key_id, secret FROM identity_keys WHERE app_id = $1", app_id
-            )
-            if row is None:
-                key = await self._mint(app_id)
-            else:
-                key = (row["key_id"], self._box.open(row["secret"], f"identity/{app_id}").decode())
-            self._keys[app_id] = key
-            return key
-
-    async def _mint(self, app_id: str) -> tuple[str, str]:
-        _, apps = self._stubs()
-        admin = (("authorization", f"Bearer {self._admin_key}"),)
-        try:
-            created = await apps.CreateApiKey(
-                apps_service_pb2.CreateApiKeyRequest(
-                    app_id=app_id, scope=app_pb2.API_KEY_SCOPE_SERVER, display_name=_KEY_NAME
-                ),
-                metadata=admin,
-                timeout=_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(
-                    f"identity does not know app {app_id!r}", reason="APP_NOT_FOUND"
-                ) from None
-            raise _unavailable(error) from None
-        key_id, secret = created.api_key.key_id, created.secret
-        row = await self._pool().fetchrow(
-            """
-            INSERT INTO identity_keys (app_id, key_id, secret) VALUES ($1, $2, $3)
-            ON CONFLICT (app_id) DO NOTHING RETURNING key_id
-            """,
-            app_id,
-            key_id,
-            self._box.seal(secret.encode(), f"identity/{app_id}"),
-        )
-        if row is not None:
-            return key_id, secret
-        # Another process minted first: use its key, revoke ours.
-        with contextlib.suppress(grpc.aio.AioRpcError):  # an unused key left is harmless
-            await apps.RevokeApiKey(
-                apps_service_pb2.RevokeApiKeyRequest(app_id=app_id, key_id=key_id),
-                metadata=admin,
-                timeout=_TIMEOUT,
-            )
-        stored = await self._pool().fetchrow(
-            "SELECT key_id, secret FROM identity_keys WHERE app_id = $1", app_id
-        )
-        assert stored is not None
-        return stored["key_id"], self._box.open(stored["secret"], f"identity/{app_id}").decode()
+        return await self._service_keys.key(app_id)
 
     async def _forget(self, app_id: str, key_id: str) -> None:
-        self._keys.pop(app_id, None)
-        await self._pool().execute(
-            "DELETE FROM identity_keys WHERE app_id = $1 AND key_id = $2", app_id, key_id
-        )
+        await self._service_keys.forget(app_id, key_id)
 
     async def _as_app(self, app_id: str, call: Callable[[Any, Any], Awaitable[_T]]) -> _T:
         """Run ``call(stub, metadata)`` with the app's key; re-mint once if it was revoked."""
         identity, _ = self._stubs()
-        for attempt in range(2):
-            key_id, secret = await self._key(app_id)
-            metadata = (("authorization", f"Bearer {secret}"),)
-            try:
-                return await call(identity, metadata)
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.UNAUTHENTICATED and attempt == 0:
-                    await self._forget(app_id, key_id)
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        return await self._service_keys.as_app(app_id, lambda metadata: call(identity, metadata))
 
     # --- calls ----------------------------------------------------------------------------
 

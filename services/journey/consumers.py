@@ -253,9 +253,6 @@ class ChangesHandler:
 
     async def handle(self, records: Sequence[Record[IdentityChange]]) -> None:
         """Apply a batch (idempotent)."""
-        changes = [r.value for r in records if _uuid(r.value.user_id)]
-        if not changes:
-            return
         catalog = self._runtime.catalog
         live = await catalog.live()
         now = self._ctx.clock()
@@ -263,6 +260,29 @@ class ChangesHandler:
         birthdays = {
             key: j for key, j in live.items() if j.state == "active" and j.entry_kind == "birthday"
         }
+        # Only changes something here depends on take a transaction and an inbox row: identity
+        # publishes every change of every app, most of them of no journey's concern.
+        entered_segments = {
+            (j.app_id, j.definition.entry.segment.segment_id)
+            for j in live.values()
+            if j.state == "active" and j.entry_kind == "segment"
+        }
+        birthday_apps = {app for app, _ in birthdays}
+        changes = [
+            c
+            for c in (r.value for r in records)
+            if _uuid(c.user_id)
+            and (
+                c.kind == Kind.KIND_USER_DELETED
+                or (
+                    c.kind == Kind.KIND_SEGMENT_ENTERED
+                    and (c.app_id, c.segment_id) in entered_segments
+                )
+                or c.app_id in birthday_apps
+            )
+        ]
+        if not changes:
+            return
         profile_changes = [
             c
             for c in changes
@@ -273,7 +293,6 @@ class ChangesHandler:
             )
         ]
         profiles: dict[uuid.UUID, Any] = {}
-        birthday_apps = {app for app, _ in birthdays}
         for app_id in {c.app_id for c in profile_changes} & birthday_apps:
             ids = [uuid.UUID(c.user_id) for c in profile_changes if c.app_id == app_id]
             try:

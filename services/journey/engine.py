@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time as time_module
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: How long a customer whose step needs an unavailable service waits before trying again.
 RETRY_DELAY = timedelta(seconds=15)
+#: How often each claim loop looks for due birthday entries.
+BIRTHDAY_POLL_SECONDS = 1.0
 #: Steps one customer may take in one claim (a guard; Validate refuses instant cycles).
 MAX_STEPS_PER_CLAIM = 100
 DEFAULT_RESULT_TIMEOUT = timedelta(hours=1)
@@ -204,9 +207,16 @@ class Engine:
 
     async def run(self) -> None:
         """Claim and step until cancelled."""
+        next_birthdays = 0.0
         while True:
             claimed = await self.step_once()
-            claimed += await self.enter_due_birthdays()
+            # Birthday entries are due at a minute's precision: look once a second (or again
+            # at once while there are more), not at every claim.
+            if time_module.monotonic() >= next_birthdays:
+                birthdays = await self.enter_due_birthdays()
+                claimed += birthdays
+                if not birthdays:
+                    next_birthdays = time_module.monotonic() + BIRTHDAY_POLL_SECONDS
             if claimed == 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -122,8 +122,12 @@ async def enter(
             app_id,
             journey_id,
         )
-    pairs = [(c.user_id, c.trigger_id) for c in candidates]
-    seen = await instances_store.seen_triggers(conn, app_id, journey_id, pairs)
+    # A trigger already recorded is refused by the entries insert below (ON CONFLICT); only a
+    # concurrency limit needs to know it before deciding, so a repeat takes no slot.
+    seen: set[tuple[uuid.UUID, str]] = set()
+    if limit > 0:
+        pairs = [(c.user_id, c.trigger_id) for c in candidates]
+        seen = await instances_store.seen_triggers(conn, app_id, journey_id, pairs)
     existing = await instances_store.lock_instances(
         conn, app_id, journey_id, list({c.user_id for c in candidates})
     )
@@ -163,10 +167,11 @@ async def enter(
     start = definition.start_node_id
     entered: list[Instance] = []
     for index, candidate in enumerate(candidates):
-        if outcomes[index] != ENTERED:
-            continue
         if (candidate.user_id, candidate.trigger_id) not in inserted:
-            outcomes[index] = "DUPLICATE_TRIGGER"  # a concurrent twin recorded it first
+            # Recorded before (or by a concurrent twin): whatever this attempt would have been.
+            outcomes[index] = "DUPLICATE_TRIGGER"
+            continue
+        if outcomes[index] != ENTERED:
             continue
         before = existing.get(candidate.user_id)
         entered.append(

@@ -29,7 +29,7 @@ from services.journey.journeys_store import JourneyRow
 from services.journey.peers import Peers
 from services.journey.settings import JourneySettings
 from services.runtime.app import ServiceContext
-from services.runtime.auth import Scope, bearer_token, require_scope
+from services.runtime.auth import Scope, require_scope
 from services.runtime.errors import FieldViolations, InvalidArgument, PermissionDenied
 
 __all__ = ["JourneyServicer"]
@@ -174,8 +174,6 @@ class JourneyServicer(journey_service_pb2_grpc.JourneyServiceServicer):
                 "JourneyService works inside one app: call it with a server key of that app",
                 reason="APP_KEY_REQUIRED",
             )
-        token = bearer_token(context.invocation_metadata())
-        await self._peers.remember_key(principal.app_id, principal.key_id, token, self._ctx.clock())
         return principal.app_id
 
     async def _journey_proto(self, app_id: str, row: JourneyRow) -> jpb.Journey:

@@ -1,16 +1,15 @@
 """Journey's calls to identity and delivery, and the credentials they are made with.
 
 Background work (the engine, the consumers) has no caller whose key it could forward, so each
-app's calls are made with a server key of that app: the key of the app's latest JourneyService
-call (creating, editing or activating a journey needs one), stored in ``app_credentials``. That
-is least privilege within journey's reach: one app, the scope the work needs, and the app can
-revoke it. Until an app has called journey, or after its key was revoked, identity refuses and
-the work waits (:class:`PeerUnavailable`); the next call with a valid key heals it.
+app's calls are made with a server key of that app that journey holds itself, as delivery does
+(:mod:`services.runtime.service_keys`): minted with the admin key the first time the app needs
+it (display name ``tidings-journey``), stored sealed under ``TIDINGS_JOURNEY_SECRET_KEY`` in
+``identity_keys``, cached, and minted again once if the app revoked it. Identity or delivery
+down, or no key to be had, is :class:`PeerUnavailable`: the work waits and is retried.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
@@ -20,17 +19,25 @@ import asyncpg
 import grpc
 import grpc.aio
 from tidings.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
+from tidings.identity.v1 import (
+    apps_service_pb2_grpc,
+    identity_service_pb2_grpc,
+    segment_pb2,
+    user_pb2,
+    user_ref_pb2,
+)
 from tidings.identity.v1 import identity_service_pb2 as ipb
-from tidings.identity.v1 import identity_service_pb2_grpc, segment_pb2, user_pb2, user_ref_pb2
 
 from services.journey.settings import JourneySettings
+from services.runtime.errors import NotFound, Unavailable
+from services.runtime.secrets_box import SecretBox
+from services.runtime.service_keys import Metadata, ServiceKeys
 
 __all__ = ["PeerRefused", "PeerUnavailable", "Peers"]
 
 #: Seconds one call to a peer may take.
 _TIMEOUT = 10.0
-#: How long a credential read from the database is trusted before reading again.
-_CREDENTIAL_TTL = 5.0
+_KEY_NAME = "tidings-journey"
 _BATCH = 1000
 
 
@@ -67,61 +74,43 @@ class Peers:
     """Channels to identity and delivery and the per-app keys to call them with.
 
     Args:
-        settings: Where identity and delivery are.
-        pool: Returns the journey database (``app_credentials``); asked per use, since the
+        settings: Where identity and delivery are; the admin key; the key material that seals
+            the stored keys.
+        pool: Returns the journey database (``identity_keys``); asked per use, since the
             pool exists only once start-up connected it.
     """
 
     def __init__(self, settings: JourneySettings, pool: Callable[[], asyncpg.Pool]) -> None:
         self._settings = settings
-        self._pool = pool
         self._identity: Any = None
+        self._apps: Any = None
         self._delivery: Any = None
         self._channels: list[grpc.aio.Channel] = []
-        self._keys: dict[str, tuple[float, str]] = {}
-        self._remembered: dict[str, str] = {}
-
-    # -- credentials --------------------------------------------------------------------------
-
-    async def remember_key(self, app_id: str, key_id: str, secret: str, at: datetime) -> None:
-        """Keep ``secret`` as the app's key for background calls (written only when it changed)."""
-        if self._remembered.get(app_id) == secret:
-            return
-        await self._pool().execute(
-            """
-            INSERT INTO app_credentials (app_id, key_id, secret, update_time)
-            VALUES ($1, $2, $3, $4)
-            ON CONFLICT (app_id) DO UPDATE
-            SET key_id = excluded.key_id, secret = excluded.secret,
-                update_time = excluded.update_time
-            """,
-            app_id,
-            key_id,
-            secret,
-            at,
+        box = SecretBox(
+            settings.journey_secret_key,
+            domain="tidings-journey",
+            setting="TIDINGS_JOURNEY_SECRET_KEY",
         )
-        self._remembered[app_id] = secret
-        self._keys[app_id] = (time.monotonic() + _CREDENTIAL_TTL, secret)
-
-    async def _metadata(self, app_id: str) -> tuple[tuple[str, str], ...]:
-        cached = self._keys.get(app_id)
-        if cached is None or cached[0] < time.monotonic():
-            secret = await self._pool().fetchval(
-                "SELECT secret FROM app_credentials WHERE app_id = $1", app_id
-            )
-            if secret is None:
-                raise PeerUnavailable(f"no server key of app {app_id} is known to journey yet")
-            cached = self._keys[app_id] = (time.monotonic() + _CREDENTIAL_TTL, str(secret))
-        return (("authorization", f"Bearer {cached[1]}"),)
+        self._keys = ServiceKeys(self._apps_stub, settings.admin_key, pool, box, key_name=_KEY_NAME)
 
     # -- stubs --------------------------------------------------------------------------------
 
+    def _identity_channel(self) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(self._settings.identity_target)
+        self._channels.append(channel)
+        self._identity = identity_service_pb2_grpc.IdentityServiceStub(channel)
+        self._apps = apps_service_pb2_grpc.AppsServiceStub(channel)
+        return channel
+
     def _identity_stub(self) -> Any:
         if self._identity is None:
-            channel = grpc.aio.insecure_channel(self._settings.identity_target)
-            self._channels.append(channel)
-            self._identity = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            self._identity_channel()
         return self._identity
+
+    def _apps_stub(self) -> Any:
+        if self._apps is None:
+            self._identity_channel()
+        return self._apps
 
     def _delivery_stub(self) -> Any:
         if self._delivery is None:
@@ -131,18 +120,24 @@ class Peers:
         return self._delivery
 
     async def _call(self, app_id: str, method: Any, request: Any) -> Any:
-        metadata = await self._metadata(app_id)
-        try:
+        async def call(metadata: Metadata) -> Any:
             return await method(request, metadata=metadata, timeout=_TIMEOUT)
+
+        try:
+            return await self._keys.as_app(app_id, call)
         except grpc.aio.AioRpcError as error:
             raise _translate(error) from None
+        except Unavailable as error:
+            raise PeerUnavailable(str(error)) from None
+        except NotFound as error:
+            raise PeerRefused(grpc.StatusCode.NOT_FOUND, str(error)) from None
 
     async def close(self) -> None:
         """Close the channels."""
         for channel in self._channels:
             await channel.close(None)
         self._channels.clear()
-        self._identity = self._delivery = None
+        self._identity = self._apps = self._delivery = None
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -203,14 +198,22 @@ class Peers:
 
     async def segment_members(self, app_id: str, segment_id: str) -> AsyncIterator[str]:
         """User ids of a segment's members (identity streams a consistent snapshot)."""
-        metadata = await self._metadata(app_id)
+        try:
+            key_id, secret = await self._keys.key(app_id)
+        except Unavailable as error:
+            raise PeerUnavailable(str(error)) from None
+        except NotFound as error:
+            raise PeerRefused(grpc.StatusCode.NOT_FOUND, str(error)) from None
         call = self._identity_stub().ListSegmentMembers(
-            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id), metadata=metadata
+            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id),
+            metadata=(("authorization", f"Bearer {secret}"),),
         )
         try:
             async for member in call:
                 yield str(member.user_id)
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                await self._keys.forget(app_id, key_id)  # revoked: the retry mints a new one
             raise _translate(error) from None
 
     async def segment_exists(self, app_id: str, segment_id: str) -> bool:

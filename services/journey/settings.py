@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from services.runtime.settings import ServiceSettings, default_database_url
+
+#: The development key for secrets at rest; a deployment sets its own.
+DEV_SECRET_KEY = "tidings-dev-journey-secret-key-change-me"
 
 
 class JourneySettings(ServiceSettings):
@@ -31,6 +36,10 @@ class JourneySettings(ServiceSettings):
     #: How long an idle claim loop sleeps before looking again (seconds); new work wakes it
     #: at once through NOTIFY.
     engine_idle_wait: float = 0.2
+
+    #: Key material sealing the per-app identity keys journey holds (AES-256-GCM, key derived
+    #: from it). Changing it only costs a new key per app (minted with the admin key).
+    journey_secret_key: str = Field(default=DEV_SECRET_KEY, repr=False)
 
     #: Webhook nodes may call loopback and private addresses (tests and local demos only).
     webhook_allow_private: bool = False
