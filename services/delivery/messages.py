@@ -21,6 +21,7 @@ from services.delivery.receipts import Fact, record_facts
 from services.delivery.validation import parse_uuid, require_uuid
 from services.runtime import paging
 from services.runtime.errors import FieldViolations, NotFound
+from services.runtime.request_values import to_datetime
 
 __all__ = ["engage", "get_message", "list_messages", "message_not_found"]
 
@@ -277,7 +278,7 @@ def check_engagement(
         violations.add("url", "at most 2,000 characters")
     at = now
     if request.HasField("occur_time"):
-        at = request.occur_time.ToDatetime(tzinfo=now.tzinfo)
+        at = to_datetime(request.occur_time, "occur_time")
         if at > now + timedelta(minutes=5) or at < now - _MAX_ENGAGEMENT_AGE:
             violations.add("occur_time", "within the last 30 days and not in the future")
     if request.HasField("properties") and len(json_format.MessageToJson(request.properties)) > 8192:

@@ -156,7 +156,7 @@ def user_zone(user: user_pb2.User, default_timezone: str) -> zoneinfo.ZoneInfo:
         if name:
             try:
                 return zoneinfo.ZoneInfo(name)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
                 continue
     return zoneinfo.ZoneInfo("UTC")
 

@@ -25,6 +25,7 @@ from tidings.delivery.v1 import (
     message_pb2,
     template_pb2,
 )
+from tidings.identity.v1 import user_ref_pb2
 
 from services.delivery import (
     app_settings,
@@ -50,7 +51,7 @@ from services.delivery.tracking_http import TrackingServer
 from services.delivery.validation import check_frequency_cap, check_ref, check_timezone
 from services.delivery.worker import Worker
 from services.runtime.app import ServiceContext, ServiceSpec
-from services.runtime.errors import FieldViolations
+from services.runtime.errors import FieldViolations, NotFound
 from services.runtime.remote_auth import RemoteKeyAuthenticator
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -360,10 +361,8 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
         violations = FieldViolations()
         check_ref(violations, "user", request.user)
         violations.raise_if_any()
-        if request.user.WhichOneof("ref") == "user_id":
-            user_id = request.user.user_id
-        else:
-            user_id = (await self._parts.identity.get_user(caller.app_id, request.user)).user_id
+        # Resolved even for a user_id ref: an id of another app (or of no one) is NOT_FOUND.
+        user_id = (await self._parts.identity.get_user(caller.app_id, request.user)).user_id
         return await messages.list_messages(
             self._ctx.pool,
             caller.app_id,
@@ -394,7 +393,17 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_service_pb2.ListInAppMessagesResponse:
         """The in-app messages waiting for the caller's subscription."""
         caller = client_or_server_app()
-        return await in_app.list_in_app(self._ctx.pool, caller.app_id, request, self._ctx.clock())
+        response = await in_app.list_in_app(
+            self._ctx.pool, caller.app_id, request, self._ctx.clock()
+        )
+        if not response.messages:
+            # Nothing waiting, or no such subscription in this app: only identity can tell.
+            ref = user_ref_pb2.UserRef(subscription_id=request.subscription_id)
+            try:
+                await self._parts.identity.get_user(caller.app_id, ref)
+            except NotFound:
+                raise NotFound("subscription not found", reason="SUBSCRIPTION_NOT_FOUND") from None
+        return response
 
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, *, parts: Parts) -> list[str]:

@@ -93,7 +93,7 @@ def check_timezone(violations: FieldViolations, field: str, value: str) -> None:
         return
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: name too long
         violations.add(field, "not an IANA time zone such as 'Europe/Madrid'")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc.aio
@@ -31,6 +31,7 @@ from services.journey.settings import JourneySettings
 from services.runtime.app import ServiceContext
 from services.runtime.auth import Scope, require_scope
 from services.runtime.errors import FieldViolations, InvalidArgument, PermissionDenied
+from services.runtime.request_values import to_datetime
 
 __all__ = ["JourneyServicer"]
 
@@ -132,8 +133,8 @@ def state_to_proto(inst: Instance, path: list[StepRow] | None) -> pb.CustomerSta
     return message
 
 
-def _time(stamp: Timestamp, present: bool) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=UTC) if present else None
+def _time(stamp: Timestamp, present: bool, field: str) -> datetime | None:
+    return to_datetime(stamp, field) if present else None
 
 
 class JourneyServicer(journey_service_pb2_grpc.JourneyServiceServicer):
@@ -435,8 +436,8 @@ class JourneyServicer(journey_service_pb2_grpc.JourneyServiceServicer):
     ) -> pb.JourneyStats:
         """Per-node statistics over a time range."""
         app_id = await self._app(context)
-        start = _time(request.start_time, request.HasField("start_time"))
-        end = _time(request.end_time, request.HasField("end_time"))
+        start = _time(request.start_time, request.HasField("start_time"), "start_time")
+        end = _time(request.end_time, request.HasField("end_time"), "end_time")
         if start is not None and end is not None and end <= start:
             violations = FieldViolations()
             violations.add("end_time", "must be after start_time")

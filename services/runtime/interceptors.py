@@ -49,6 +49,7 @@ from services.runtime.auth import (
 from services.runtime.errors import Aborted, DomainError, Unavailable, to_status_proto
 from services.runtime.logging import bind_log_fields, exception_fields
 from services.runtime.metrics import MethodMetrics, Metrics
+from services.runtime.request_values import nul_character_error
 
 __all__ = ["ServiceInterceptor", "infrastructure_error"]
 
@@ -74,6 +75,11 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     aiokafka.errors.KafkaConnectionError,
+)
+#: PostgreSQL refusing a text or jsonb value holding U+0000: the request's fault, not a bug.
+_NUL_TEXT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+    asyncpg.exceptions.UntranslatableCharacterError,
 )
 #: Errors that mean "another transaction won a race": retrying the whole call can succeed.
 _CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
@@ -174,14 +180,14 @@ class ServiceInterceptor(_ServerInterceptor):
         # Resolved once per method, not per call (see MethodMetrics).
         method_metrics = self._metrics.for_method(method)
 
-        def scope(method: str, context: _Context) -> _CallScope:
-            return _CallScope(self, method, context, method_metrics)
+        def scope(method: str, context: _Context, request: object = None) -> _CallScope:
+            return _CallScope(self, method, context, method_metrics, request)
 
         if not handler.request_streaming and not handler.response_streaming:
             unary_unary = cast("_Behaviour", handler.unary_unary)
 
             async def wrapped_unary_unary(request: Any, context: _Context) -> Any:
-                async with scope(method, context):
+                async with scope(method, context, request):
                     return await _resolve(unary_unary(request, context))
 
             return grpc.unary_unary_rpc_method_handler(
@@ -214,7 +220,7 @@ class ServiceInterceptor(_ServerInterceptor):
                 # closed too, so its finally blocks (releasing connections) run now. The
                 # generator object is only created once the scope has admitted the call.
                 async with (
-                    scope(method, context),
+                    scope(method, context, request),
                     contextlib.aclosing(generator(request, context)) as responses,
                 ):
                     async for response in responses:
@@ -227,7 +233,7 @@ class ServiceInterceptor(_ServerInterceptor):
         writer = behaviour
 
         async def wrapped_writer(request: Any, context: _Context) -> None:
-            async with scope(method, context):
+            async with scope(method, context, request):
                 result = await _resolve(writer(request, context))
                 # A coroutine handler writes through context.write and returns None; a plain
                 # function may instead return an iterable of responses.
@@ -262,8 +268,11 @@ class _CallScope:
         method: str,
         context: _Context,
         metrics: MethodMetrics,
+        request: object = None,
     ) -> None:
         self._interceptor = interceptor
+        # The request message (an iterator for client streams): only read to name a bad field.
+        self._request = request
         self._method = method
         self._context = context
         self._metrics = metrics
@@ -338,6 +347,8 @@ class _CallScope:
     def _unexpected(self, exc: Exception) -> DomainError:
         """Map an exception no domain code meant for the caller; log what the caller can't see."""
         log = self._interceptor._log
+        if isinstance(exc, _NUL_TEXT_ERRORS):
+            return nul_character_error(self._request)
         known = infrastructure_error(exc)
         if known is not None:
             log.warning("%s failed: %s", self._method, known.reason, extra=exception_fields(exc))

@@ -445,19 +445,7 @@ TABLE: dict[str, tuple[str, Build]] = {
 }
 
 #: Defects found by this suite, per RPC (xfail strict: fixing one turns its case green).
-KNOWN_DEFECTS: dict[str, str] = {
-    "DeliveryService.ListMessages": (
-        "services/delivery/server.py ListMessages: a user_id ref is used as a filter without "
-        "checking the user exists in the caller's app (only external_id/alias refs are resolved "
-        "through identity), so another app's (or a never-existing) user_id answers OK with an "
-        "empty list instead of NOT_FOUND; nothing leaks"
-    ),
-    "DeliveryService.ListInAppMessages": (
-        "services/delivery/server.py ListInAppMessages / in_app.list_in_app: the subscription_id "
-        "is not checked against the caller's app, so another app's (or a never-existing) "
-        "subscription answers OK with an empty list instead of NOT_FOUND; nothing leaks"
-    ),
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 @dataclass

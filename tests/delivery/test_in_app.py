@@ -122,7 +122,8 @@ async def test_only_its_own_subscription_and_app(
     # Another device of the app, and the same device id asked with another app's client key.
     assert await _pending(harness, other_device) == []
     other_app = await create_test_app(apps_stub)  # type: ignore[arg-type]
-    assert await _pending(harness, device, other_app.client) == []
+    foreign = await failure(_pending(harness, device, other_app.client))
+    assert (foreign.code, foreign.reason) == (grpc.StatusCode.NOT_FOUND, "SUBSCRIPTION_NOT_FOUND")
     # Nor may another device report it.
     refused = await failure(
         harness.delivery.ReportEngagement(
