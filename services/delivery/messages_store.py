@@ -28,6 +28,7 @@ __all__ = [
     "insert_missing",
     "load_rows",
     "park",
+    "purge_users",
     "recent_sends",
 ]
 
@@ -353,3 +354,31 @@ async def recent_sends(
 def pool_type() -> type[asyncpg.Pool]:
     """For type hints elsewhere."""
     return asyncpg.Pool
+
+
+async def purge_users(conn: DBConnection, app_id: str, user_ids: Sequence[str]) -> int:
+    """Delete every message of ``user_ids`` and its timeline (GDPR erasure).
+
+    Returns:
+        How many messages were deleted.
+    """
+    await conn.execute(
+        """
+        DELETE FROM message_events e USING messages m
+        WHERE e.app_id = $1 AND m.app_id = $1 AND m.user_id = ANY($2::text[])
+          AND e.message_id = m.message_id
+        """,
+        app_id,
+        list(user_ids),
+    )
+    deleted: int = await conn.fetchval(
+        """
+        WITH gone AS (
+            DELETE FROM messages WHERE app_id = $1 AND user_id = ANY($2::text[]) RETURNING 1
+        )
+        SELECT count(*) FROM gone
+        """,
+        app_id,
+        list(user_ids),
+    )
+    return deleted

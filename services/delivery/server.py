@@ -39,6 +39,7 @@ from services.delivery import (
 from services.delivery.access import client_or_server_app, server_app
 from services.delivery.broadcasts import FanOut
 from services.delivery.consumer import run_worker
+from services.delivery.erasure import run_erasure_consumer
 from services.delivery.identity_client import IdentityClient
 from services.delivery.preview import render_preview
 from services.delivery.providers.registry import Adapters, load_adapters
@@ -457,6 +458,7 @@ def spec(settings: DeliverySettings | None = None) -> ServiceSpec:
     background: list[Any] = [functools.partial(_tracking_task, parts=parts)]
     if settings.run_worker:
         background.append(functools.partial(_worker_task, parts=parts))
+        background.append(run_erasure_consumer)
     if settings.run_scheduler:
         background.append(run_scheduler)
     if settings.run_fanout:

@@ -234,6 +234,12 @@ async def test_erasure_mid_journey_stops_sends_and_leaves_no_trace(
         assert len(sink.received) == 1, [r.body for r in sink.received]
         await eventually(journey_forgot, within=30, what="journey dropping the erased customer")
 
+        async def delivery_forgot() -> bool:
+            return user_id.encode() not in await pg_dump(stack.delivery_db)
+
+        # Delivery erases the user's messages (their opaque id included) on user.deleted.
+        await eventually(delivery_forgot, within=30, what="delivery erasing the user's messages")
+
     dumps = {
         name: await pg_dump(dsn)
         for name, dsn in (
