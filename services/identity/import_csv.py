@@ -126,6 +126,26 @@ class CsvStream:
         yield from self._parse(lines, final=final, suspect=_SURROGATE.search(block) is not None)
         self._check_pending()
 
+    def _parse_whole(self, lines: list[str], *, suspect: bool) -> list[Record] | None:
+        """The records of ``lines`` when each is one line and all parse: the usual block,
+        read by the csv module in one go. None otherwise (a record spanning lines, one still
+        open at the end, malformed quoting), for :meth:`_parse` to read record by record."""
+        try:
+            rows = list(csv.reader(lines, **self._dialect))  # type: ignore[arg-type]
+        except csv.Error:
+            return None
+        if len(rows) != len(lines):
+            return None
+        base = self._lines_done
+        self._lines_done = base + len(lines)
+        if suspect:
+            return [
+                Record(base + n, cells, bad_encoding=any(map(_SURROGATE.search, cells)))
+                for n, cells in enumerate(rows, 1)
+                if cells
+            ]
+        return [Record(base + n, cells) for n, cells in enumerate(rows, 1) if cells]
+
     def _check_pending(self) -> None:
         if self._lines_done > MAX_LINES:
             raise UnreadableFile(f"the file has more than {MAX_LINES:,} lines")
@@ -136,6 +156,10 @@ class CsvStream:
             )
 
     def _parse(self, lines: list[str], *, final: bool, suspect: bool) -> Iterator[Record]:
+        whole = self._parse_whole(lines, suspect=suspect)
+        if whole is not None:
+            yield from whole
+            return
         reader = csv.reader(lines, **self._dialect)  # type: ignore[arg-type]
         base = self._lines_done
         done = 0  # lines of this block consumed by complete records

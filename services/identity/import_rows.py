@@ -1,10 +1,12 @@
-"""Checking an import's rows, one by one, with the rules every identity write follows.
+"""Checking an import's rows with the rules every identity write follows.
 
 :class:`RowChecker` is built from the options and the file's header; :meth:`RowChecker.check`
 turns one record into a staged row (the normalised values, in the column order of
 :class:`StagingLayout`) or a :class:`Rejection` naming the line, the column and the reason. The
 normalisers are identity's own (:mod:`services.identity.validation`, the subscription token
-rules), so a value the API refuses, an import refuses too.
+rules), so a value the API refuses, an import refuses too. :meth:`RowChecker.check_all` checks
+a chunk's records together, a column at a time (each column's reader over its cells, no
+dispatch per cell); a chunk holding a row to refuse is checked row by row for its rejections.
 
 What is checked here needs only the row itself; what needs the database (does the user exist,
 is the attribute's type the one its customer field says, duplicate ids within the file) is
@@ -19,6 +21,7 @@ from __future__ import annotations
 import calendar
 import functools
 import math
+import operator
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -243,11 +246,29 @@ def _stored_moment(moment: datetime) -> str:
     return text[:-6] + ("Z" if utc.microsecond else ".000000Z")
 
 
+#: ISO 8601 timestamps already in UTC as stored but for the fraction (``...T09:30:00Z``,
+#: ``+00:00``, no fraction or six digits), whose stored form is their own text: what
+#: ``_stored_moment`` makes of them, without the datetime round trip.
+_UTC_ISO = re.compile(
+    r"[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?(?:Z|\+00:00)"
+)
+
+
 def _moment_reader(fmt: str, *, date_only: bool) -> Callable[[str], str]:
     def read(cell: str) -> str:
         return _stored_moment(_parse_moment(cell, fmt, date_only=date_only))
 
-    return read
+    def read_iso(cell: str) -> str:
+        plain = _UTC_ISO.fullmatch(cell)
+        if plain is None:
+            return read(cell)
+        try:
+            datetime.fromisoformat(cell)  # the calendar check (Feb 30, hour 25) it would make
+        except ValueError:
+            return read(cell)  # which says why
+        return cell[:26] + "Z" if plain.group(1) else cell[:19] + ".000000Z"
+
+    return read if fmt or date_only else read_iso
 
 
 def _birthdate_reader(fmt: str, today: date) -> Callable[[str], tuple[int | None, int, int]]:
@@ -453,6 +474,74 @@ class RowChecker:
             else:
                 values += value  # type: ignore[arg-type]  # a birthdate's (year, month, day)
         return tuple(values), None, flagged
+
+    def check_all(self, records: Sequence[Record]) -> tuple[list[StagedRow], list[Rejection], int]:
+        """Check data records: what :meth:`check` says of each, gathered.
+
+        Returns:
+            ``(staged, rejections, flagged)``: the staged rows and rejections in line order,
+            and how many rows have a text cell that looks like a formula.
+        """
+        if records:
+            try:
+                return self._check_columns(records)
+            except ValueError:
+                pass  # a refused cell: the rows one by one, for its line, column and reason
+        staged: list[StagedRow] = []
+        refused: list[Rejection] = []
+        flagged = 0
+        for record in records:
+            row, rejection, flag = self.check(record)
+            if row is not None:
+                staged.append(row)
+            if rejection is not None:
+                refused.append(rejection)
+            flagged += flag
+        return staged, refused, flagged
+
+    def _check_columns(
+        self, records: Sequence[Record]
+    ) -> tuple[list[StagedRow], list[Rejection], int]:
+        """:meth:`check_all` for records that all read cleanly, a column at a time: each
+        column's reader is called over its cells with no per-cell dispatch.
+
+        Raises:
+            ValueError: A record or a cell would be refused (nothing is returned for any).
+        """
+        width = self.width
+        for record in records:
+            if record.error or record.bad_encoding or len(record.cells) != width:
+                raise ValueError("a record that does not read cleanly")
+        columns = list(zip(*(record.cells for record in records), strict=True))
+        strip = str.strip
+        ids = list(map(strip, columns[self._id_index]))
+        values: list[Sequence[object]] = [
+            [record.line for record in records],
+            list(map(self._read_id, ids)),
+            [True] * len(records),
+        ]
+        texts = [ids] if self._flag_id else []
+        for cell in self._cells:
+            cells = list(map(strip, columns[cell.index]))
+            read = cell.read
+            read_cells = [read(text) if text else None for text in cells]
+            if cell.width == 1:
+                values.append(read_cells)
+            else:
+                # A birthdate's (year, month, day): three staged columns.
+                empty = (None,) * cell.width
+                values += zip(*(empty if v is None else v for v in read_cells), strict=True)
+            if cell.flag:
+                texts.append(cells)
+        return list(zip(*values, strict=True)), [], self._flagged(texts)
+
+    @staticmethod
+    def _flagged(columns: Sequence[Sequence[str]]) -> int:
+        """How many rows have a cell, in any of ``columns``, that looks like a formula."""
+        starts = operator.methodcaller("startswith", FORMULA_PREFIXES)
+        if not any(any(map(starts, column)) for column in columns):
+            return 0  # the usual case, without a loop through Python per cell
+        return sum(any(map(starts, row)) for row in zip(*columns, strict=True))
 
     def _encoding_rejection(self, record: Record) -> Rejection:
         column = ""

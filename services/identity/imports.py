@@ -46,6 +46,7 @@ from services.identity.imports_store import (
     MergeConflict,
     MergeCounts,
     MergePlan,
+    Staging,
 )
 from services.runtime.app import ServiceContext
 from services.runtime.errors import (
@@ -255,8 +256,10 @@ async def _receive_and_merge(
     chunks: AsyncIterator[bytes],
 ) -> MergeCounts:
     layout = StagingLayout.of(spec)
+    assert spec.id_kind is not None  # checked
+    staging = Staging.new(layout, spec.id_kind, users_store.new_user_ids(1)[0].hex[:24])
     progress = _Progress()
-    receiver = _Receiver(ctx, conn, app_id, spec, layout, progress)
+    receiver = _Receiver(ctx, conn, app_id, spec, staging, progress)
     started = time.monotonic()
     await receiver.receive(chunks)
     received = time.monotonic()
@@ -270,13 +273,11 @@ async def _receive_and_merge(
                 plan = MergePlan(
                     app_id=app_id,
                     import_id=spec.import_id,
-                    layout=layout,
-                    id_kind=spec.id_kind,  # type: ignore[arg-type]  # checked
+                    staging=staging,
                     alias_label=spec.alias_label,
                     mode=spec.mode,  # type: ignore[arg-type]  # checked
                     clear=spec.empty_cells_clear,
                     verdicts=await _attribute_verdicts(conn, app_id, layout, at),
-                    id_prefix=users_store.new_user_ids(1)[0].hex[:24],
                     at=at,
                 )
                 await imports_store.lock_existing_users(conn, plan)
@@ -376,7 +377,7 @@ class _Receiver:
         conn: asyncpg.Connection,
         app_id: str,
         spec: ImportSpec,
-        layout: StagingLayout,
+        staging: Staging,
         progress: _Progress,
     ) -> None:
         assert spec.encoding is not None
@@ -384,7 +385,7 @@ class _Receiver:
         self._conn = conn
         self._app_id = app_id
         self._spec = spec
-        self._layout = layout
+        self._staging = staging
         self._progress = progress
         self._stream = CsvStream(
             encoding=spec.encoding.value, delimiter=spec.delimiter, quote=spec.quote
@@ -395,7 +396,7 @@ class _Receiver:
         self._copying: asyncio.Task[None] | None = None
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> None:
-        await imports_store.create_staging(self._conn, self._layout)
+        await imports_store.create_staging(self._conn, self._staging)
         reporter = asyncio.create_task(self._report_every(PROGRESS_SECONDS))
         try:
             await self._receive(chunks)
@@ -432,21 +433,19 @@ class _Receiver:
         await self._wait_copy()
 
     def _take(self, records: Iterable[Record]) -> None:
-        checker = self._checker
-        staged, refused, progress = self._staged, self._refused, self._progress
-        for record in records:
-            if checker is None:
-                checker = self._checker = self._header(record)
-                continue
-            progress.rows += 1
-            row, rejection, flagged = checker.check(record)
-            if row is not None:
-                staged.append(row)
-            if rejection is not None:
-                refused.append(rejection)
-                progress.rejected += 1
-            if flagged:
-                progress.flagged += 1
+        batch = list(records)
+        if self._checker is None and batch:
+            self._checker = self._header(batch[0])
+            del batch[0]
+        if not batch:
+            return
+        assert self._checker is not None
+        staged, refused, flagged = self._checker.check_all(batch)
+        self._staged += staged
+        self._refused += refused
+        self._progress.rows += len(batch)
+        self._progress.rejected += len(refused)
+        self._progress.flagged += flagged
 
     def _header(self, record: Record) -> RowChecker:
         if record.error or record.bad_encoding:
@@ -472,7 +471,7 @@ class _Receiver:
         self._copying = asyncio.create_task(self._copy(staged, refused))
 
     async def _copy(self, staged: list[StagedRow], refused: list[Rejection]) -> None:
-        await imports_store.copy_staging(self._conn, self._layout, staged)
+        await imports_store.copy_staging(self._conn, self._staging, staged)
         await imports_store.copy_rejections(self._conn, self._app_id, self._spec.import_id, refused)
 
     async def _report_every(self, seconds: float) -> None:

@@ -2,9 +2,11 @@
 
 An import runs on a connection of its own (:func:`connect`), which holds the job's advisory lock
 (:func:`try_lock`) and the session's temporary tables: ``import_staging`` (the checked rows,
-filled by ``COPY``) and, inside the merge transaction, ``import_plan`` (one row per staged row:
-which user it names, the new values, what changed, or why it is refused), ``import_subs``
-(subscriptions to create or move) and ``import_members``.
+each batch copied into ``import_batch`` and moved on with what a created user would get
+computed while the next batch is read, see :class:`Staging`) and, inside the merge
+transaction, ``import_plan`` (one row per staged row: which user it names, the new values, what
+changed, or why it is refused), ``import_subs`` (subscriptions to create or move) and
+``import_members``.
 
 The merge is a fixed sequence of set-based statements, whatever the number of rows: no
 statement per row, no row sent back to Python. Change facts are encoded as protobuf in SQL
@@ -366,18 +368,116 @@ async def copy_rejections(
 # -- staging -------------------------------------------------------------------------------------
 
 
-async def create_staging(conn: DBConnection, layout: StagingLayout) -> None:
-    """Create the session's staging table for ``layout`` (gone with the session)."""
-    columns = ", ".join(f"{c.name} {c.sql_type}" for c in layout.columns)
-    await conn.execute(f"DROP TABLE IF EXISTS {STAGING}; CREATE TEMP TABLE {STAGING} ({columns})")
+@dataclass(frozen=True, slots=True)
+class Staging:
+    """The staging table of one import and what its rows are prepared with.
+
+    Rows arrive in batches (:func:`copy_staging`): each is copied into ``import_batch`` and
+    moved into ``import_staging`` with the values a created user would get computed on the way
+    (its attribute map, and its USER_CREATED fact but for the fields every fact of the import
+    shares). That work runs while the next batch is read, on the database's core, so the merge
+    (after the last byte) only decides and writes.
+
+    Attributes:
+        layout: The staged columns.
+        id_kind: How keys name users (only EXTERNAL_ID and ALIAS rows create users).
+        id_prefix: 24 hex digits; a created user's id is these and its line in 8 more (a
+            time-ordered UUIDv7 per import, so a million inserts append to the index).
+        event_prefix: 28 characters of a UUID; a fact's event id is these and its line.
+    """
+
+    layout: StagingLayout
+    id_kind: IdKind
+    id_prefix: str
+    event_prefix: str
+
+    @classmethod
+    def new(cls, layout: StagingLayout, id_kind: IdKind, id_prefix: str) -> Staging:
+        """A staging for ``layout`` with a fresh event-id prefix."""
+        return cls(layout, id_kind, id_prefix, str(uuid.uuid4())[:28])
 
 
-async def copy_staging(
-    conn: DBConnection, layout: StagingLayout, rows: Sequence[StagedRow]
-) -> None:
-    """Append checked rows to the staging table (one ``COPY``)."""
+def _line_id(prefix: str, line: str) -> str:
+    """SQL of the UUID (as text) made of a 24- or 28-character prefix and ``line`` in hex."""
+    return f"({prefix} || lpad(to_hex({line}), 8, '0'))"
+
+
+async def create_staging(conn: DBConnection, staging: Staging) -> None:
+    """Create the session's staging tables (gone with the session)."""
+    columns = ", ".join(f"{c.name} {c.sql_type}" for c in staging.layout.columns)
+    await conn.execute(
+        f"""
+        DROP TABLE IF EXISTS {STAGING}, import_batch;
+        CREATE TEMP TABLE import_batch ({columns});
+        CREATE TEMP TABLE {STAGING} ({columns}, attrs jsonb, created_fact bytea)
+        """
+    )
+
+
+def _created_changes(layout: StagingLayout, row: str) -> list[tuple[str, str]]:
+    """``(condition over the staged row, field name)`` of every field a created user gets:
+    the fields :func:`_plan_sql` finds changed when the row names nobody."""
+    changed = [
+        (f"{row}.{c.name} IS NOT NULL", c.name)
+        for c in layout.standard
+        if not c.name.startswith("birth_")
+    ]
+    if any(c.name == "birth_month" for c in layout.standard):
+        changed.append((f"{row}.birth_month IS NOT NULL", "birthdate"))
+    changed += [
+        (f"{row}.{c.name} IS NOT NULL", f"attributes.{c.attribute}") for c in layout.attributes
+    ]
+    return changed
+
+
+def _changed_fields_sql(changed: Sequence[tuple[str, str]], params: _Params) -> str:
+    """SQL of the change fact's repeated ``changed_fields`` (sorted, as BatchUpsertUsers
+    publishes them) for ``(condition, field name)`` pairs: each name's bytes are a parameter."""
+    return (
+        " || ".join(
+            f"CASE WHEN {condition} THEN "
+            f"{params.add(IdentityChange(changed_fields=[name]).SerializeToString(), 'bytea')} "
+            "ELSE '\\x'::bytea END"
+            for condition, name in sorted(changed, key=lambda item: item[1])
+        )
+        or "'\\x'::bytea"
+    )
+
+
+def _prepare_sql(staging: Staging) -> tuple[str, list[object]]:
+    """The statement moving ``import_batch`` into ``import_staging`` with the attribute map
+    and the USER_CREATED fact (less its shared head) of each row, as if it created a user."""
+    layout = staging.layout
+    params = _Params()
+    if layout.attributes:
+        pairs = ", ".join(f"{_literal(c.attribute or '')}, b.{c.name}" for c in layout.attributes)
+        attrs = f"jsonb_strip_nulls(jsonb_build_object({pairs}))"
+    else:
+        attrs = "NULL::jsonb"
+    fact = "NULL::bytea"
+    if staging.id_kind is not IdKind.USER_ID:
+        changed = _created_changes(layout, "b")
+        external_id = ""
+        if staging.id_kind is IdKind.EXTERNAL_ID:
+            changed.append(("true", "external_id"))
+            external_id = "|| pb_string(6, b.key)"
+        event_id = _line_id(params.add(staging.event_prefix), "b.line")
+        user_id = _line_id(params.add(staging.id_prefix), "b.line") + "::uuid"
+        fact = (
+            f"{_uuid_field(1, event_id)} || {_uuid_field(3, user_id)} {external_id} "
+            f"|| {_changed_fields_sql(changed, params)}"
+        )
+    sql = f"INSERT INTO {STAGING} SELECT b.*, {attrs}, {fact} FROM import_batch b"
+    return sql, params.values
+
+
+async def copy_staging(conn: DBConnection, staging: Staging, rows: Sequence[StagedRow]) -> None:
+    """Append checked rows to the staging table (one ``COPY`` and one ``INSERT``)."""
     if rows:
-        await conn.copy_records_to_table(STAGING, records=rows, columns=layout.names)
+        await conn.copy_records_to_table("import_batch", records=rows, columns=staging.layout.names)
+        sql, params = _prepare_sql(staging)
+        await conn.execute(sql, *params)
+        await conn.execute("TRUNCATE import_batch")
 
 
 async def drop_staging(conn: DBConnection) -> None:
@@ -432,27 +532,32 @@ class MergePlan:
     Attributes:
         app_id: The app.
         import_id: The job.
-        layout: The staging table's columns.
-        id_kind: How the key names users.
         alias_label: The label, for alias keys.
         mode: Which rows may create / update.
         clear: Whether empty cells clear.
         verdicts: Attribute columns (by staging name) whose values are refused.
-        id_prefix: 24 hex digits; a created user's id is these and its line in 8 more (a
-            time-ordered UUIDv7 per import, so a million inserts append to the index).
+        staging: The staging table (its layout, and the ids it gave created users).
         at: The time of the import.
     """
 
     app_id: str
     import_id: str
-    layout: StagingLayout
-    id_kind: IdKind
+    staging: Staging
     alias_label: str
     mode: Mode
     clear: bool
     verdicts: dict[str, ColumnVerdict]
-    id_prefix: str
     at: datetime
+
+    @property
+    def layout(self) -> StagingLayout:
+        """The staged columns."""
+        return self.staging.layout
+
+    @property
+    def id_kind(self) -> IdKind:
+        """How keys name users."""
+        return self.staging.id_kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,7 +687,7 @@ def _refusals_sql(plan: MergePlan, checks: Sequence[Refusal]) -> tuple[str, list
 def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
     """The statement creating ``import_plan``: one row per staged row with its user, its new
     values, the fields that change, and why it is refused (NULL when it is not)."""
-    params = _Params(plan.app_id, plan.id_prefix)
+    params = _Params(plan.app_id, plan.staging.id_prefix)
     layout = plan.layout
     new_values: list[tuple[str, str]] = []  # (expression, name)
     changed: list[tuple[str, str]] = []  # (condition, field name)
@@ -608,17 +713,15 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
         )
     attributes = layout.attributes
     if attributes:
-        pairs = ", ".join(
-            f"{_literal(c.attribute or '')}, r.{c.name}"
-            for c in attributes
-            if c.name not in plan.verdicts
-        )
-        built = f"jsonb_strip_nulls(jsonb_build_object({pairs}))" if pairs else "'{}'::jsonb"
+        # The row's attribute map, built while staging (a refused column's values are in it,
+        # but a row holding one is refused: the rows written are the same).
         base = "coalesce(u.attributes, '{}'::jsonb)"
         if plan.clear:
             names = ", ".join(_literal(c.attribute or "") for c in attributes)
             base = f"({base} - ARRAY[{names}]::text[])"
-        new_values.append((f"{base} || {built}", "attributes"))
+        new_values.append(
+            (f"CASE WHEN u.user_id IS NULL THEN r.attrs ELSE {base} || r.attrs END", "attributes")
+        )
         for c in attributes:
             key = _literal(c.attribute or "")
             changed.append(
@@ -631,13 +734,11 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
         new_values.append(("u.attributes", "attributes"))
     if plan.id_kind is IdKind.EXTERNAL_ID:
         changed.append(("u.user_id IS NULL", "external_id"))
-    # The changed fields, encoded as the change fact's repeated `changed_fields` (sorted, as
-    # BatchUpsertUsers publishes them): each name's bytes are a parameter.
-    changed_expr = " || ".join(
-        f"CASE WHEN {condition} THEN "
-        f"{params.add(IdentityChange(changed_fields=[name]).SerializeToString(), 'bytea')} "
-        "ELSE '\\x'::bytea END"
-        for condition, name in sorted(changed, key=lambda item: item[1])
+    # The changed fields of a row naming a user: a created user's fact was encoded while
+    # staging (``created_fact``).
+    changed_expr = (
+        "CASE WHEN u.user_id IS NULL THEN '\\x'::bytea "
+        f"ELSE {_changed_fields_sql(changed, params)} END"
     )
 
     # Why a row is refused, in order: the first that holds wins. The plan keeps only the
@@ -684,7 +785,15 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
     external_id = "r.key" if plan.id_kind is IdKind.EXTERNAL_ID else "u.external_id"
     # Of the staged values only the row's identity and its subscription tokens are needed
     # later (the rest is in the new_* columns): a narrower table is cheaper to write.
-    kept = ["line", "key", "ok", "n", "first_line", *(c.name for c in layout.subscriptions)]
+    kept = [
+        "line",
+        "key",
+        "ok",
+        "n",
+        "first_line",
+        "created_fact",
+        *(c.name for c in layout.subscriptions),
+    ]
     sql = f"""
         CREATE TEMP TABLE import_plan ON COMMIT DROP AS
         SELECT {", ".join(f"r.{name}" for name in kept)}, u.user_id AS existing_id,
@@ -881,24 +990,27 @@ _EVENT_ID = _uuid_field(1, "gen_random_uuid()")
 
 
 async def _publish_user_facts(conn: DBConnection, plan: MergePlan) -> None:
+    # A created user's fact was encoded while staging but for its head (app, kind, time).
+    # Not sorted: each user has one fact (Kafka orders a key's facts, not users'), and the
+    # plan is read in the staging's order anyway.
     await conn.execute(
         f"""
         {_OUTBOX_INSERT}
         SELECT $1, p.user_id::text, $2,
-            CASE WHEN p.existing_id IS NULL THEN $3::bytea ELSE $4::bytea END
-            || {_uuid_field(1, "$5::text || lpad(to_hex(p.line), 8, '0')")}
-            || {_uuid_field(3, "p.user_id")} || pb_string(6, p.external_id) || p.changed_pb
+            CASE WHEN p.existing_id IS NULL THEN $3::bytea || p.created_fact
+            ELSE $4::bytea
+                || {_uuid_field(1, _line_id("$5::text", "p.line"))}
+                || {_uuid_field(3, "p.user_id")} || pb_string(6, p.external_id) || p.changed_pb
+            END
         FROM import_plan p
         WHERE p.ok AND p.refusal IS NULL
           AND (p.existing_id IS NULL OR octet_length(p.changed_pb) > 0)
-        ORDER BY p.line
         """,
         IDENTITY_CHANGES.name,
         IDENTITY_CHANGES.event_type,
         _fact_head(plan, IdentityChange.Kind.KIND_USER_CREATED),
         _fact_head(plan, IdentityChange.Kind.KIND_USER_UPDATED),
-        # Event ids: a random prefix and the line, so a million facts need no random UUIDs.
-        str(uuid.uuid4())[:28],
+        plan.staging.event_prefix,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
@@ -17,7 +17,7 @@ from services.identity.import_options import (
     Mode,
     check_options,
 )
-from services.identity.import_rows import _stored_moment
+from services.identity.import_rows import RowChecker, _moment_reader, _parse_moment, _stored_moment
 from services.identity.users_store import format_timestamp
 from services.runtime.errors import InvalidArgument
 
@@ -45,6 +45,16 @@ def test_records_and_line_numbers_do_not_depend_on_chunk_boundaries(chunk: int) 
         (2, ["1", 'multi\nline, with "quotes"']),
         (5, ["2", "Zoë"]),
         (6, ["3", "last"]),
+    ]
+
+
+def test_a_block_read_in_one_go_keeps_its_line_numbers_and_blank_lines_out() -> None:
+    records = _read(b"id,n\n1,a\n\n2,b\r\n3,\xff\n", 4096)
+    assert [(r.line, r.cells, r.bad_encoding) for r in records] == [
+        (1, ["id", "n"], False),
+        (2, ["1", "a"], False),
+        (4, ["2", "b"], False),
+        (5, ["3", "\udcff"], True),
     ]
 
 
@@ -100,6 +110,60 @@ def test_timestamps_are_stored_as_every_identity_write_stores_them() -> None:
         datetime(987, 6, 5, tzinfo=UTC),
     ]
     assert [_stored_moment(m) for m in moments] == [format_timestamp(m) for m in moments]
+
+
+def test_utc_timestamps_read_as_the_full_reader_reads_them() -> None:
+    read = _moment_reader("", date_only=False)
+    cells = [
+        "2026-01-31T09:30:00Z",
+        "2026-01-31T09:30:00+00:00",
+        "2026-01-31T09:30:00.000120Z",
+        "2026-01-31T09:30:00.000000+00:00",
+        "2026-01-31T09:30:00+01:00",
+        "2026-01-31T09:30:00.12Z",
+        "0987-06-05T00:00:00Z",
+        "2026-02-30T09:30:00Z",
+        "2026-01-31T24:00:00Z",
+        "2026-01-31T09:30:60Z",
+    ]
+
+    def outcome(reader: object, cell: str) -> str:
+        try:
+            return str(reader(cell))  # type: ignore[operator]
+        except ValueError as exc:
+            return f"refused: {exc}"
+
+    def full(cell: str) -> str:
+        return _stored_moment(_parse_moment(cell, "", date_only=False))
+
+    assert [outcome(read, c) for c in cells] == [outcome(full, c) for c in cells]
+    assert read(cells[0]) == "2026-01-31T09:30:00.000000Z"
+
+
+def test_a_batch_of_rows_is_checked_as_each_row_alone_is() -> None:
+    spec = _spec(
+        columns=(
+            ColumnSpec("email", target="standard", standard="email"),
+            ColumnSpec("born", target="standard", standard="birthdate"),
+            ColumnSpec("n", target="attribute", attribute="n", kind=AttributeKind.NUMBER),
+            ColumnSpec("name", target="standard", standard="first_name"),
+        )
+    )
+    checker = RowChecker(spec, ["id", "email", "born", "n", "name"], date(2026, 1, 1))
+    clean = [
+        Record(2, ["a", " A@Example.com ", "1990-02-03", "1.5", "=x"]),
+        Record(3, ["b", "", "--02-29", "", "Bo"]),
+        Record(5, ["-c", "c@example.com", "", "-2", ""]),
+    ]
+    messy = [*clean, Record(6, ["d", "nope", "", "", ""]), Record(7, ["e", "e@x.io"])]
+    for records in (clean, messy):
+        one_by_one = [checker.check(r) for r in records]
+        staged, refused, flagged = checker.check_all(records)
+        assert staged == [row for row, _, _ in one_by_one if row is not None]
+        assert refused == [rejection for _, rejection, _ in one_by_one if rejection is not None]
+        assert flagged == sum(flag for _, _, flag in one_by_one)
+    assert checker.check_all(clean)[2] == 2
+    assert [r.reason for r in checker.check_all(messy)[1]] == ["INVALID_EMAIL", "TOO_FEW_COLUMNS"]
 
 
 def _spec(**changes: object) -> ImportSpec:
