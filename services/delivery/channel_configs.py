@@ -25,6 +25,7 @@ from services.delivery.render import struct_variables
 from services.delivery.secrets_box import SecretBox
 from services.runtime.db import DBConnection
 from services.runtime.errors import FailedPrecondition, FieldViolations, NotFound
+from services.runtime.key_rotation import SealedColumn
 
 __all__ = [
     "ChannelConfig",
@@ -69,6 +70,15 @@ class ChannelConfig:
 
 def _context(app_id: str, channel: Channel) -> str:
     return f"{app_id}/{channel.value}"
+
+
+#: The sealed column of ``channel_configs`` (see :mod:`services.runtime.key_rotation`).
+SEALED = SealedColumn(
+    "channel_configs",
+    ("app_id", "channel"),
+    "credentials",
+    lambda row: _context(row["app_id"], Channel(row["channel"])),
+)
 
 
 def _deliverable(field: str, number: int) -> Channel:

@@ -51,8 +51,10 @@ from services.delivery.tracking import TrackingLinks
 from services.delivery.tracking_http import TrackingServer
 from services.delivery.validation import check_frequency_cap, check_ref, check_timezone
 from services.delivery.worker import Worker
+from services.runtime import service_keys
 from services.runtime.app import ServiceContext, ServiceSpec
 from services.runtime.errors import FieldViolations, NotFound
+from services.runtime.key_rotation import run_key_rotation
 from services.runtime.remote_auth import RemoteKeyAuthenticator
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -455,7 +457,12 @@ def spec(settings: DeliverySettings | None = None) -> ServiceSpec:
         holder["ctx"] = ctx
         return register(server, ctx, parts=parts)
 
-    background: list[Any] = [functools.partial(_tracking_task, parts=parts)]
+    background: list[Any] = [
+        functools.partial(_tracking_task, parts=parts),
+        functools.partial(
+            run_key_rotation, box=box, columns=[channel_configs.SEALED, service_keys.SEALED]
+        ),
+    ]
     if settings.run_worker:
         background.append(functools.partial(_worker_task, parts=parts))
         background.append(run_erasure_consumer)

@@ -86,12 +86,15 @@ class Peers:
         self._apps: Any = None
         self._delivery: Any = None
         self._channels: list[grpc.aio.Channel] = []
-        box = SecretBox(
+        #: Seals the stored keys; the rotation task re-seals them with its newest key.
+        self.box = SecretBox(
             settings.journey_secret_key,
             domain="tidings-journey",
             setting="TIDINGS_JOURNEY_SECRET_KEY",
         )
-        self._keys = ServiceKeys(self._apps_stub, settings.admin_key, pool, box, key_name=_KEY_NAME)
+        self._keys = ServiceKeys(
+            self._apps_stub, settings.admin_key, pool, self.box, key_name=_KEY_NAME
+        )
 
     # -- stubs --------------------------------------------------------------------------------
 

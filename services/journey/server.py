@@ -31,7 +31,9 @@ from services.journey.engine import Engine
 from services.journey.journeys_server import JourneyServicer
 from services.journey.peers import Peers
 from services.journey.settings import JourneySettings
+from services.runtime import service_keys
 from services.runtime.app import Clock, ServiceContext, ServiceSpec, utc_now
+from services.runtime.key_rotation import run_key_rotation
 from services.runtime.remote_auth import RemoteKeyAuthenticator
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -107,6 +109,10 @@ async def _engine_workers(runtime: JourneyRuntime, ctx: ServiceContext) -> None:
     await asyncio.gather(*(engine.run() for _ in range(max(1, runtime.settings.engine_workers))))
 
 
+async def _key_rotation(runtime: JourneyRuntime, ctx: ServiceContext) -> None:
+    await run_key_rotation(ctx, runtime.peers.box, [service_keys.SEALED])
+
+
 def register(server: grpc.aio.Server, ctx: ServiceContext, *, runtime: JourneyRuntime) -> list[str]:
     """Add journey's servicer to ``server``; returns its full service name."""
     runtime.bind(ctx)
@@ -125,9 +131,9 @@ def spec(settings: JourneySettings | None = None) -> ServiceSpec:
     """The journey service for the runtime; settings are read from the environment by default."""
     settings = settings or JourneySettings()
     runtime = JourneyRuntime(settings)
-    background = []
+    background = [functools.partial(_key_rotation, runtime)]
     if settings.run_engine:
-        background = [
+        background += [
             functools.partial(_engine_workers, runtime),
             functools.partial(run_audience_loader, runtime),
             functools.partial(run_events_consumer, runtime),

@@ -32,6 +32,7 @@ import grpc.aio
 from tidings.identity.v1 import app_pb2, apps_service_pb2
 
 from services.runtime.errors import NotFound, Unavailable
+from services.runtime.key_rotation import SealedColumn
 from services.runtime.secrets_box import SecretBox, SecretBoxError
 
 __all__ = ["Metadata", "ServiceKeys", "bearer"]
@@ -47,6 +48,12 @@ Metadata = tuple[tuple[str, str], ...]
 def bearer(secret: str) -> Metadata:
     """The metadata that presents ``secret``."""
     return (("authorization", f"Bearer {secret}"),)
+
+
+#: The sealed column of ``identity_keys`` (see :mod:`services.runtime.key_rotation`).
+SEALED = SealedColumn(
+    "identity_keys", ("app_id",), "secret", lambda row: f"identity/{row['app_id']}"
+)
 
 
 class ServiceKeys:
