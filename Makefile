@@ -49,6 +49,10 @@ fmt: venv ## format and auto-fix the Python code
 bench: protos stack ## run the benchmarks and write bench/results.json (SIZE=tiny for a smoke run)
 	@$(PY) -m bench $(if $(SIZE),--size $(SIZE),)
 
+.PHONY: chaos
+chaos: protos stack ## the fault suite at full size on a private Postgres and Kafka (SIZE=ci|full, SEED=n to replay)
+	@TIDINGS_CHAOS_SIZE=$(or $(SIZE),full) TIDINGS_CHAOS_SEED=$(SEED) $(PY) -m pytest tests/chaos -p no:cacheprovider -s -q $(ARGS)
+
 migrate: protos stack ## apply every service's migrations (services also do it at start-up)
 	@for svc in $(SERVICES); do TIDINGS_LOG_FORMAT=$${TIDINGS_LOG_FORMAT:-text} $(PY) -m services.$$svc migrate; done
 

@@ -9,6 +9,7 @@ a local proxy instead of stopping the shared server::
         proxy.cut()              # every open connection dies, new ones are dropped at once
         ...
         proxy.restore()          # connections go through again
+        proxy.latency = 0.2      # every chunk forwarded waits 200 ms first (each direction)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class TcpProxy:
         self._target = (host, port)
         self._server: asyncio.Server | None = None
         self._cut = False
+        #: Seconds each forwarded chunk waits before it is written (a slow network).
+        self.latency = 0.0
         self._transports: set[asyncio.WriteTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -103,7 +106,8 @@ class TcpProxy:
                 return
             self._transports.add(upstream_writer.transport)
             await asyncio.gather(
-                _pump(client_reader, upstream_writer), _pump(upstream_reader, client_writer)
+                self._pump(client_reader, upstream_writer),
+                self._pump(upstream_reader, client_writer),
             )
         finally:
             self._tasks.discard(task)
@@ -112,11 +116,12 @@ class TcpProxy:
                     self._transports.discard(writer.transport)
                     writer.transport.abort()
 
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction until EOF or a broken connection; then end the other side."""
-    with contextlib.suppress(ConnectionError, OSError):
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy one direction until EOF or a broken connection; then end the other side."""
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(_CHUNK):
+                if self.latency > 0:
+                    await asyncio.sleep(self.latency)
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
