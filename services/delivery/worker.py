@@ -204,8 +204,14 @@ class Worker:
             if record.value.app_id not in known:
                 continue
             job = Job.read(record.value, now)
-            if job is not None:
-                mine.setdefault((job.app_id, job.message_id), job)  # a record twice: once
+            if job is None:
+                continue
+            # A message twice in one batch (a redelivered batch can hold a dispatch and its
+            # retry): only the latest dispatch can match the row; an older one must not hide it.
+            key = (job.app_id, job.message_id)
+            seen = mine.get(key)
+            if seen is None or job.dispatch > seen.dispatch:
+                mine[key] = job
         if not mine:
             return
         pool = self._ctx.pool

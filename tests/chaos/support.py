@@ -262,18 +262,14 @@ def known_delivery_defects(states: Mapping[str, str], lost: Collection[str]) -> 
     * ``outcome-unknown``: the worker was SIGKILLed between claiming a chunk of sends and
       calling the provider; the claimed calls that had not gone out are failed
       OUTCOME_UNKNOWN and never made (at most once), so the message is lost.
-    * ``stuck-queued``: a redelivered batch held a message's old record and its newer retry
-      record; the worker kept the first (older) one, skipped both, and the message stays
-      ``queued`` for ever.
-    * ``unexplained``: anything else (a new defect).
+    * ``unexplained``: anything else (a new defect — or the fixed "retry record hidden by
+      its older record in one batch" coming back, which left messages ``queued`` for ever).
     """
-    counts = {"outcome-unknown": 0, "stuck-queued": 0, "unexplained": 0}
+    counts = {"outcome-unknown": 0, "unexplained": 0}
     for user in lost:
         state = states.get(user, "")
         if "OUTCOME_UNKNOWN" in state:
             counts["outcome-unknown"] += 1
-        elif state.startswith("queued/") and not state.startswith("queued/0/"):
-            counts["stuck-queued"] += 1
         else:
             counts["unexplained"] += 1
     return counts
