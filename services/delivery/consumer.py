@@ -17,7 +17,7 @@ from services.delivery.worker import Worker
 from services.runtime.app import ServiceContext
 from services.runtime.kafka import DELIVERY_REQUESTS, BatchConsumer, start_new_group_at
 
-__all__ = ["group_id", "run_worker"]
+__all__ = ["group_id", "run_worker", "start_group_at_creation"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,16 @@ async def group_id(ctx: ServiceContext) -> str:
     return f"{CONSUMER}.{instance}"
 
 
+async def start_group_at_creation(ctx: ServiceContext, topic: str, group: str) -> None:
+    """Start a brand-new ``group`` of ``topic`` at the records written since this database was
+    created (an existing group keeps its committed offsets)."""
+    created = await ctx.pool.fetchval(
+        "SELECT min(applied_at) FROM schema_migrations WHERE component = 'delivery'"
+    )
+    if created is not None:
+        await start_new_group_at(ctx.settings.kafka_bootstrap, topic, group, created - _SLACK)
+
+
 async def run_worker(ctx: ServiceContext, worker: Worker) -> None:
     """Background task: consume ``delivery.requests`` until cancelled.
 
@@ -40,13 +50,7 @@ async def run_worker(ctx: ServiceContext, worker: Worker) -> None:
             restarts the task, and the batch is processed again.
     """
     group = await group_id(ctx)
-    created = await ctx.pool.fetchval(
-        "SELECT min(applied_at) FROM schema_migrations WHERE component = 'delivery'"
-    )
-    if created is not None:
-        await start_new_group_at(
-            ctx.settings.kafka_bootstrap, DELIVERY_REQUESTS.name, group, created - _SLACK
-        )
+    await start_group_at_creation(ctx, DELIVERY_REQUESTS.name, group)
     settings = ctx.settings
     consumer = BatchConsumer(
         settings.kafka_bootstrap,

@@ -12,21 +12,19 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
 
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
 from services.delivery import messages_store
+from services.delivery.consumer import start_group_at_creation
 from services.runtime.app import ServiceContext
-from services.runtime.kafka import IDENTITY_CHANGES, BatchConsumer, Record, start_new_group_at
+from services.runtime.kafka import IDENTITY_CHANGES, BatchConsumer, Record
 
 __all__ = ["handle_changes", "run_erasure_consumer"]
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "delivery.erasures"
-#: Slack for clock differences between the database and the broker.
-_SLACK = timedelta(minutes=1)
 
 
 async def handle_changes(ctx: ServiceContext, records: Sequence[Record[IdentityChange]]) -> None:
@@ -52,13 +50,7 @@ async def run_erasure_consumer(ctx: ServiceContext) -> None:
     """
     instance = await ctx.pool.fetchval("SELECT id FROM outbox_instance")
     group = f"{CONSUMER}.{instance}"
-    created = await ctx.pool.fetchval(
-        "SELECT min(applied_at) FROM schema_migrations WHERE component = 'delivery'"
-    )
-    if created is not None:
-        await start_new_group_at(
-            ctx.settings.kafka_bootstrap, IDENTITY_CHANGES.name, group, created - _SLACK
-        )
+    await start_group_at_creation(ctx, IDENTITY_CHANGES.name, group)
 
     async def handle(records: Sequence[Record[IdentityChange]]) -> None:
         await handle_changes(ctx, records)
