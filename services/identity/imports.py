@@ -257,7 +257,15 @@ async def _receive_and_merge(
 ) -> MergeCounts:
     layout = StagingLayout.of(spec)
     assert spec.id_kind is not None  # checked
-    staging = Staging.new(layout, spec.id_kind, users_store.new_user_ids(1)[0].hex[:24])
+    sealed = await _pii_columns(conn, app_id, layout)
+    staging = Staging.new(
+        layout,
+        spec.id_kind,
+        users_store.new_user_ids(1)[0].hex[:24],
+        app_id=app_id,
+        alias_label=spec.alias_label,
+        sealed=sealed,
+    )
     progress = _Progress()
     receiver = _Receiver(ctx, conn, app_id, spec, staging, progress)
     started = time.monotonic()
@@ -280,6 +288,11 @@ async def _receive_and_merge(
                     verdicts=await _attribute_verdicts(conn, app_id, layout, at),
                     at=at,
                 )
+                if await _pii_columns(conn, app_id, layout) != sealed:
+                    raise _Failed(
+                        "a customer field of the file was marked or unmarked as PII during the "
+                        "import; nothing was written: upload the file again"
+                    )
                 await imports_store.lock_existing_users(conn, plan)
                 counts = await imports_store.merge(conn, plan)
                 segment_id = ""
@@ -314,6 +327,22 @@ async def _receive_and_merge(
     raise _Failed(
         "concurrent writes to the same users kept conflicting with the import; nothing was "
         "written: upload the file again"
+    )
+
+
+async def _pii_columns(
+    conn: asyncpg.Connection, app_id: str, layout: StagingLayout
+) -> frozenset[str]:
+    """Staging names of the attribute columns whose customer field is PII (sealed on the way
+    in: the staging table and the merge only ever see ciphertext)."""
+    names = {c.attribute for c in layout.attributes if c.attribute}
+    if not names:
+        return frozenset()
+    defined = await users_store.customer_fields(conn, app_id, names)
+    return frozenset(
+        c.name
+        for c in layout.attributes
+        if (field := defined.get(c.attribute or "")) is not None and field.pii
     )
 
 
@@ -391,6 +420,10 @@ class _Receiver:
             encoding=spec.encoding.value, delimiter=spec.delimiter, quote=spec.quote
         )
         self._checker: RowChecker | None = None
+        # Rejections quote the bad cell; not those of PII columns (they are stored in clear).
+        self._pii_headers = frozenset(
+            c.header for c in staging.layout.attributes if c.name in staging.sealed
+        )
         self._staged: list[StagedRow] = []
         self._refused: list[Rejection] = []
         self._copying: asyncio.Task[None] | None = None
@@ -442,6 +475,13 @@ class _Receiver:
         assert self._checker is not None
         staged, refused, flagged = self._checker.check_all(batch)
         self._staged += staged
+        if self._pii_headers:
+            refused = [
+                replace(r, message="the value is not valid for this field (a PII field: not shown)")
+                if r.column in self._pii_headers
+                else r
+                for r in refused
+            ]
         self._refused += refused
         self._progress.rows += len(batch)
         self._progress.rejected += len(refused)

@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
+from services.identity import pii
 from services.identity.fields import ATTRIBUTE_NAME_PATTERN, CustomerField, FieldType
 from services.identity.import_options import IdKind, Mode
 from services.identity.import_rows import Rejection, StagedRow, StagingColumn, StagingLayout
@@ -36,6 +37,7 @@ from services.identity.subscriptions import MAX_SUBSCRIPTIONS_PER_USER
 from services.identity.users import MAX_ATTRIBUTES
 from services.runtime.db import DBConnection
 from services.runtime.kafka import IDENTITY_CHANGES
+from services.runtime.secrets_box import SecretBoxError
 
 __all__ = [
     "STAGING",
@@ -61,6 +63,7 @@ __all__ = [
     "merge",
     "record_progress",
     "rejections",
+    "reseal_moved_rows",
     "running_jobs",
     "set_applying",
     "try_lock",
@@ -384,17 +387,43 @@ class Staging:
         id_prefix: 24 hex digits; a created user's id is these and its line in 8 more (a
             time-ordered UUIDv7 per import, so a million inserts append to the index).
         event_prefix: 28 characters of a UUID; a fact's event id is these and its line.
+        app_id: The app (PII values are sealed for it).
+        alias_label: The label, for alias keys.
+        sealed: Staging names of the attribute columns of PII fields: their cells are sealed
+            before the COPY (as JSON text), for the user each row names, which is recorded in
+            an extra ``sealed_for`` column (see :func:`copy_staging`).
     """
 
     layout: StagingLayout
     id_kind: IdKind
     id_prefix: str
     event_prefix: str
+    app_id: str = ""
+    alias_label: str = ""
+    sealed: frozenset[str] = frozenset()
 
     @classmethod
-    def new(cls, layout: StagingLayout, id_kind: IdKind, id_prefix: str) -> Staging:
+    def new(
+        cls,
+        layout: StagingLayout,
+        id_kind: IdKind,
+        id_prefix: str,
+        *,
+        app_id: str = "",
+        alias_label: str = "",
+        sealed: frozenset[str] = frozenset(),
+    ) -> Staging:
         """A staging for ``layout`` with a fresh event-id prefix."""
-        return cls(layout, id_kind, id_prefix, str(uuid.uuid4())[:28])
+        return cls(layout, id_kind, id_prefix, str(uuid.uuid4())[:28], app_id, alias_label, sealed)
+
+    def created_id(self, line: int) -> uuid.UUID:
+        """The id a row creating a user gives it (as the merge computes it)."""
+        return uuid.UUID(f"{self.id_prefix}{line:08x}")
+
+    @property
+    def column_names(self) -> list[str]:
+        """The columns copied into ``import_batch``."""
+        return [*self.layout.names, "sealed_for"] if self.sealed else self.layout.names
 
 
 def _line_id(prefix: str, line: str) -> str:
@@ -404,7 +433,12 @@ def _line_id(prefix: str, line: str) -> str:
 
 async def create_staging(conn: DBConnection, staging: Staging) -> None:
     """Create the session's staging tables (gone with the session)."""
-    columns = ", ".join(f"{c.name} {c.sql_type}" for c in staging.layout.columns)
+    columns = ", ".join(
+        f"{c.name} {'text' if c.name in staging.sealed else c.sql_type}"
+        for c in staging.layout.columns
+    )
+    if staging.sealed:
+        columns += ", sealed_for uuid"
     await conn.execute(
         f"""
         DROP TABLE IF EXISTS {STAGING}, import_batch;
@@ -450,7 +484,11 @@ def _prepare_sql(staging: Staging) -> tuple[str, list[object]]:
     layout = staging.layout
     params = _Params()
     if layout.attributes:
-        pairs = ", ".join(f"{_literal(c.attribute or '')}, b.{c.name}" for c in layout.attributes)
+        pairs = ", ".join(
+            f"{_literal(c.attribute or '')}, "
+            + (f"b.{c.name}::jsonb" if c.name in staging.sealed else f"b.{c.name}")
+            for c in layout.attributes
+        )
         attrs = f"jsonb_strip_nulls(jsonb_build_object({pairs}))"
     else:
         attrs = "NULL::jsonb"
@@ -472,12 +510,74 @@ def _prepare_sql(staging: Staging) -> tuple[str, list[object]]:
 
 
 async def copy_staging(conn: DBConnection, staging: Staging, rows: Sequence[StagedRow]) -> None:
-    """Append checked rows to the staging table (one ``COPY`` and one ``INSERT``)."""
+    """Append checked rows to the staging table (one ``COPY`` and one ``INSERT``).
+
+    With PII columns, their cells are sealed first, for the user the row names now (one query
+    for the batch's existing users) or creates; the merge re-seals the rare row whose user
+    changed in between (:func:`reseal_moved_rows`).
+    """
     if rows:
-        await conn.copy_records_to_table("import_batch", records=rows, columns=staging.layout.names)
+        if staging.sealed:
+            rows = await _sealed_rows(conn, staging, rows)
+        await conn.copy_records_to_table("import_batch", records=rows, columns=staging.column_names)
         sql, params = _prepare_sql(staging)
         await conn.execute(sql, *params)
         await conn.execute("TRUNCATE import_batch")
+
+
+async def _existing_users(
+    conn: DBConnection, staging: Staging, keys: list[str]
+) -> dict[str, uuid.UUID]:
+    """The users the batch's keys name now, by key."""
+    if staging.id_kind is IdKind.USER_ID:
+        found: dict[str, uuid.UUID] = {}
+        for key in keys:
+            with contextlib.suppress(ValueError):
+                found[key] = uuid.UUID(key)
+        return found
+    if staging.id_kind is IdKind.EXTERNAL_ID:
+        rows = await conn.fetch(
+            "SELECT external_id AS key, user_id FROM users"
+            " WHERE app_id = $1 AND external_id = ANY($2::text[])",
+            staging.app_id,
+            keys,
+        )
+    else:
+        rows = await conn.fetch(
+            "SELECT value AS key, user_id FROM user_aliases"
+            " WHERE app_id = $1 AND label = $2 AND value = ANY($3::text[])",
+            staging.app_id,
+            staging.alias_label,
+            keys,
+        )
+    return {row["key"]: row["user_id"] for row in rows}
+
+
+async def _sealed_rows(
+    conn: DBConnection, staging: Staging, rows: Sequence[StagedRow]
+) -> list[StagedRow]:
+    """``rows`` with their PII cells sealed and the user they are sealed for appended."""
+    names = staging.layout.names
+    positions = [(names.index(name), name) for name in staging.sealed]
+    attribute_of = {c.name: c.attribute or "" for c in staging.layout.attributes}
+    existing = await _existing_users(conn, staging, [str(row[1]) for row in rows])
+    box = pii.box()
+    app_id = staging.app_id
+    sealed_rows: list[StagedRow] = []
+    for row in rows:
+        user_id = existing.get(str(row[1]))
+        if user_id is None:
+            user_id = staging.created_id(int(row[0]))  # type: ignore[call-overload]
+        cells = list(row)
+        prefix = pii.context(app_id, user_id, "")
+        for index, name in positions:
+            value = cells[index]
+            if value is not None:
+                # As JSON text (COPY has no binary jsonb encoder); cast while preparing.
+                cells[index] = box.seal_json(value, prefix + attribute_of[name])
+        cells.append(user_id)
+        sealed_rows.append(tuple(cells))
+    return sealed_rows
 
 
 async def drop_staging(conn: DBConnection) -> None:
@@ -793,6 +893,7 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
         "first_line",
         "created_fact",
         *(c.name for c in layout.subscriptions),
+        *(["sealed_for"] if plan.staging.sealed else []),
     ]
     sql = f"""
         CREATE TEMP TABLE import_plan ON COMMIT DROP AS
@@ -856,6 +957,8 @@ async def merge(conn: DBConnection, plan: MergePlan) -> MergeCounts:
     assert expected is not None
     await _insert_users(conn, plan, expected["created"])
     await _update_users(conn, plan, expected["updated"])
+    if plan.staging.sealed:
+        await reseal_moved_rows(conn, plan)
     await _publish_user_facts(conn, plan)
     subscribed = "false"
     if plan.layout.subscriptions:
@@ -945,6 +1048,44 @@ async def _update_users(conn: DBConnection, plan: MergePlan, expected: int) -> N
     )
     if int(status.rsplit(" ", 1)[-1]) != expected:
         raise MergeConflict("a user the import updates was deleted meanwhile")
+
+
+async def reseal_moved_rows(conn: DBConnection, plan: MergePlan) -> int:
+    """Re-seal the PII cells of rows whose user is not the one they were sealed for while
+    staging (a user created, deleted or given the row's key meanwhile): a sealed value opens
+    only for its user. Returns how many users were fixed (almost always none)."""
+    names = [c.attribute or "" for c in plan.layout.attributes if c.name in plan.staging.sealed]
+    rows = await conn.fetch(
+        """
+        SELECT p.user_id, p.sealed_for, u.attributes FROM import_plan p
+        JOIN users u ON u.app_id = $1 AND u.user_id = p.user_id
+        WHERE p.ok AND p.refusal IS NULL AND p.sealed_for IS DISTINCT FROM p.user_id
+        """,
+        plan.app_id,
+    )
+    box = pii.box()
+    fixed = 0
+    for row in rows:
+        fresh = {}
+        for name in names:
+            value = row["attributes"].get(name)
+            if not pii.is_sealed(value) or row["sealed_for"] is None:
+                continue
+            try:
+                plain = box.open_value(value, pii.context(plan.app_id, row["sealed_for"], name))
+            except SecretBoxError:
+                continue  # the user's own value (the row left this cell empty)
+            fresh[name] = box.seal_value(plain, pii.context(plan.app_id, row["user_id"], name))
+        if fresh:
+            await conn.execute(
+                "UPDATE users SET attributes = attributes || $3::jsonb"
+                " WHERE app_id = $1 AND user_id = $2",
+                plan.app_id,
+                row["user_id"],
+                fresh,
+            )
+            fixed += 1
+    return fixed
 
 
 async def _mark_for_segments(conn: DBConnection, plan: MergePlan, subscribed: str) -> None:

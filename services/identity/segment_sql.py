@@ -445,7 +445,12 @@ class _Compiler:
                     "lpad(u.birth_month::text, 2, '0'), lpad(u.birth_day::text, 2, '0')) END"
                 )
             if leaf.field.startswith(CUSTOM_PREFIX):
-                return f"(u.attributes -> '{leaf.field[len(CUSTOM_PREFIX) :]}')::text"
+                value = f"(u.attributes -> '{leaf.field[len(CUSTOM_PREFIX) :]}')"
+                # A PII value is sealed (an object): the answer says it is there, not what.
+                return (
+                    f"CASE WHEN jsonb_typeof({value}) = 'object' THEN '\"(encrypted)\"' "
+                    f"ELSE {value}::text END"
+                )
             return f"u.{leaf.field}::text"
         if isinstance(leaf, EventCondition):
             where = self._event_filter(leaf) + " AND e.user_id = u.user_id"

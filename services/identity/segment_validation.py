@@ -45,10 +45,12 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_VALUES",
     "MAX_WHERE",
+    "PII_OPERATORS",
     "Lookups",
     "check_condition",
     "custom_attribute_names",
     "member_of_ids",
+    "pii_operator_problem",
 ]
 
 #: Most leaf conditions in one tree.
@@ -132,12 +134,29 @@ class Lookups:
         segments: Kinds (``dynamic`` / ``list``) of the app's segments named by ``member_of``.
         reaches: For a segment id: every segment it refers to, directly or not (cycles).
         segment_id: The segment being updated (None on create and for unsaved conditions).
+        pii_fields: Those of the named customer fields that are PII (only EXISTS / NOT_EXISTS
+            apply: their values are sealed at rest).
     """
 
     field_types: Mapping[str, FieldType]
     segments: Mapping[uuid.UUID, str]
     reaches: Callable[[uuid.UUID], set[uuid.UUID]]
     segment_id: uuid.UUID | None = None
+    pii_fields: frozenset[str] = frozenset()
+
+
+#: The only operators a condition on a PII customer field may use (its values are sealed).
+PII_OPERATORS = frozenset({Operator.EXISTS, Operator.NOT_EXISTS})
+
+
+def pii_operator_problem(field: str, op: Operator) -> str | None:
+    """Why ``op`` cannot compare the PII attribute ``field`` (``attributes.<name>``), or None."""
+    if op in PII_OPERATORS:
+        return None
+    return (
+        f"{field} is a PII customer field: its values are encrypted at rest, so conditions on it "
+        f"can only be EXISTS or NOT_EXISTS, not {_operator_name(op)}"
+    )
 
 
 def custom_attribute_names(condition: Condition) -> set[str]:
@@ -285,6 +304,13 @@ class _Checker:
             return c
         if field_type is None:
             return c
+        if c.field.startswith(CUSTOM_PREFIX) and c.field[len(CUSTOM_PREFIX) :] in (
+            self.lookups.pii_fields
+        ):
+            problem = pii_operator_problem(c.field, op)
+            if problem is not None:
+                self.v.add(f"{path}.operator", problem, reason="PII_FIELD_OPERATOR")
+                return c
         if op not in OPERATORS_BY_TYPE[field_type]:
             self.v.add(
                 f"{path}.operator",

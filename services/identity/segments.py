@@ -72,6 +72,7 @@ __all__ = [
     "delete_segment",
     "get_segment",
     "list_segments",
+    "lock_definitions",
     "materialise",
     "membership",
     "parse_segment_id",
@@ -137,8 +138,9 @@ def parse_segment_id(text: str, field: str = "segment_id") -> uuid.UUID:
         raise not_found(text) from None
 
 
-async def _lock_definitions(conn: DBConnection, app_id: str) -> None:
-    # One definition change per app at a time (see the module doc).
+async def lock_definitions(conn: DBConnection, app_id: str) -> None:
+    """One definition change per app at a time (see the module doc); also taken by a flip of
+    a customer field's PII flag, which must not race a segment comparing the field."""
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended('tidings.segments:' || $1, 0))", app_id
     )
@@ -193,6 +195,7 @@ async def checked_condition(
         segments={sid: record.kind for sid, record in segments.items()},
         reaches=_closure(graph),
         segment_id=segment_id,
+        pii_fields=frozenset(name for name, field in fields.items() if field.pii),
     )
     return check_condition(condition, path, lookups, violations)
 
@@ -239,7 +242,7 @@ async def create_segment(
         )
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await _lock_definitions(conn, app_id)
+            await lock_definitions(conn, app_id)
             condition = await checked_condition(
                 conn, app_id, draft.condition, "segment.condition", violations
             )
@@ -373,7 +376,7 @@ async def update_segment(
     segment_id = parse_segment_id(draft.segment_id, "segment.segment_id")
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await _lock_definitions(conn, app_id)
+            await lock_definitions(conn, app_id)
             current = await segments_store.lock_segment(conn, app_id, segment_id)
             if current is None:
                 raise not_found(segment_id)
@@ -429,7 +432,7 @@ async def delete_segment(pool: asyncpg.Pool, app_id: str, segment_id: uuid.UUID)
         FailedPrecondition: ``SEGMENT_IN_USE``: another segment's condition refers to it.
     """
     async with pool.acquire() as conn, conn.transaction():
-        await _lock_definitions(conn, app_id)
+        await lock_definitions(conn, app_id)
         if await segments_store.lock_segment(conn, app_id, segment_id) is None:
             raise not_found(segment_id)
         users = await segments_store.dependents_of(conn, app_id, segment_id)

@@ -25,6 +25,8 @@ from services.identity.events_server import EventsRpcs
 from services.identity.imports import run_orphan_checks
 from services.identity.imports_server import ImportsRpcs
 from services.identity.key_cache import KeyCache
+from services.identity.pii import configure as configure_pii
+from services.identity.pii_fields import run_pii_keeper
 from services.identity.receipts_consumer import run_receipts_consumer
 from services.identity.segment_maintainer import run_segment_maintainer
 from services.identity.segments_server import SegmentsRpcs
@@ -65,9 +67,12 @@ def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
     # One cache per process, shared by the authenticator (reads), RevokeApiKey (drops a key at
     # once here) and the LISTEN task (drops keys revoked by any replica).
     keys = KeyCache()
+    settings = settings or IdentitySettings()
+    # The process's box for PII attribute values (a bad setting stops start-up here).
+    configure_pii(settings.identity_secret_key)
     return ServiceSpec(
         name="identity",
-        settings=settings or IdentitySettings(),
+        settings=settings,
         migrations_dir=MIGRATIONS_DIR,
         register=functools.partial(register, keys=keys),
         authenticator=lambda ctx: ApiKeyAuthenticator(ctx, keys),
@@ -77,5 +82,6 @@ def spec(settings: IdentitySettings | None = None) -> ServiceSpec:
             keys.listen,
             run_orphan_checks,
             run_segment_maintainer,
+            run_pii_keeper,
         ],
     )

@@ -26,7 +26,9 @@ from typing import Any
 
 import asyncpg
 
+from services.identity import pii
 from services.runtime.db import DBConnection
+from services.runtime.secrets_box import SecretBoxError
 
 __all__ = [
     "DeadToken",
@@ -565,7 +567,42 @@ async def merge_profile(
         into_user_id,
         at,
     )
-    return sorted(value or [])
+    fields = sorted(value or [])
+    moved = [name[len("attributes.") :] for name in fields if name.startswith("attributes.")]
+    if moved:
+        await _reseal_moved(conn, app_id, from_user_id, into_user_id, moved)
+    return fields
+
+
+async def _reseal_moved(
+    conn: DBConnection,
+    app_id: str,
+    from_user_id: uuid.UUID,
+    into_user_id: uuid.UUID,
+    names: list[str],
+) -> None:
+    """Re-seal, for ``into``, the PII values a merge moved from ``from``: a sealed value is
+    bound to its user and would not open on another."""
+    stored = await conn.fetchval(
+        "SELECT attributes FROM users WHERE app_id = $1 AND user_id = $2", app_id, into_user_id
+    )
+    box = pii.box()
+    fresh = {}
+    for name in names:
+        if pii.is_sealed(stored.get(name)):
+            try:
+                plain = box.open_value(stored[name], pii.context(app_id, from_user_id, name))
+            except SecretBoxError:
+                continue  # unreadable where it was already: left as it is
+            fresh[name] = box.seal_value(plain, pii.context(app_id, into_user_id, name))
+    if fresh:
+        await conn.execute(
+            "UPDATE users SET attributes = attributes || $3::jsonb "
+            "WHERE app_id = $1 AND user_id = $2",
+            app_id,
+            into_user_id,
+            fresh,
+        )
 
 
 async def move_aliases(

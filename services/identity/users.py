@@ -42,7 +42,15 @@ import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
-from services.identity import apps_store, changes, events_store, refs, users_store
+from services.identity import (
+    apps_store,
+    changes,
+    events_store,
+    pii_fields,
+    refs,
+    segments,
+    users_store,
+)
 from services.identity.fields import (
     CustomerField,
     FieldCatalog,
@@ -863,14 +871,17 @@ async def _upsert_once(
             applied.append(error)
 
     created, updated, aliases, facts = plan.finish(app_id)
-    if len(await users_store.insert_profiles(conn, app_id, created, at)) < len(created):
+    # Values of PII fields are sealed as they are written (auto-definitions never are PII).
+    sealed = frozenset(name for name, definition in defined.items() if definition.pii)
+    inserted = await users_store.insert_profiles(conn, app_id, created, at, sealed=sealed)
+    if len(inserted) < len(created):
         raise _Conflict  # someone created one of these external ids meanwhile
     if await users_store.insert_aliases(conn, app_id, aliases, at) < len(aliases):
         raise _Conflict  # someone took one of these aliases meanwhile
     new_fields = catalog.new_definitions()
     if len(await users_store.insert_auto_fields(conn, app_id, new_fields, at)) < len(new_fields):
         raise _Conflict  # someone defined one of these fields meanwhile (maybe another type)
-    await users_store.update_profiles(conn, app_id, updated, at)
+    await users_store.update_profiles(conn, app_id, updated, at, sealed=sealed)
     await changes.publish(conn, facts)
 
     full: Mapping[uuid.UUID, User] = {}
@@ -1247,10 +1258,20 @@ async def create_customer_field(
             or automatically with another type).
     """
     validate_new_field(definition)
+    flipped = False
     async with conn.transaction():
         stored = await users_store.insert_customer_field(conn, app_id, definition, at)
+        if stored is None and definition.pii:
+            # Adopting an auto-defined (never PII) field as PII flips it: as UpdateCustomerField.
+            await segments.lock_definitions(conn, app_id)
+            await pii_fields.check_segments_allow_pii(conn, app_id, definition.name)
         if stored is None:
             stored = await users_store.adopt_auto_defined_field(conn, app_id, definition)
+            flipped = stored is not None and definition.pii
+    if flipped:
+        await pii_fields.settle_field(
+            conn, app_id, definition.name, to_pii=True, wait_for_readers=True
+        )
     if stored is None:
         raise AlreadyExists(
             f"customer field {definition.name!r} is already defined",

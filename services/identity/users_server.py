@@ -20,7 +20,7 @@ from google.type import date_pb2
 from tidings.identity.v1 import customer_field_pb2, user_pb2
 from tidings.identity.v1 import identity_service_pb2 as pb
 
-from services.identity import access, refs, users, users_store
+from services.identity import access, pii_fields, refs, users, users_store
 from services.identity.events_server import event_proto
 from services.identity.fields import CustomerField, FieldType
 from services.identity.subscriptions_server import subscription_to_proto
@@ -425,6 +425,23 @@ class UsersRpcs:
         async with self._ctx.pool.acquire() as conn:
             stored = await users.create_customer_field(
                 conn, caller.app_id, definition, at=self._ctx.clock()
+            )
+        return field_to_proto(stored)
+
+    async def UpdateCustomerField(
+        self, request: pb.UpdateCustomerFieldRequest, context: _Context
+    ) -> customer_field_pb2.CustomerField:
+        """Change a custom attribute's description or PII flag (converting its values)."""
+        caller = access.server_app()
+        definition = CustomerField(
+            name=request.field.name,
+            type=FieldType.STRING,  # not updatable: ignored
+            description=request.field.description,
+            pii=request.field.pii,
+        )
+        async with self._ctx.pool.acquire() as conn:
+            stored = await pii_fields.update_customer_field(
+                conn, caller.app_id, definition, list(request.update_mask.paths)
             )
         return field_to_proto(stored)
 

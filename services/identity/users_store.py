@@ -5,7 +5,9 @@ Plain parameterised statements, one per batch: many rows travel as parallel arra
 
 Custom attributes are stored as a JSON object of plain values: strings, numbers, booleans, and
 timestamps as RFC 3339 strings in UTC with microseconds (``2026-01-31T09:00:00.000000Z``, which
-sorts as text in time order); the type of each name is in ``customer_fields``.
+sorts as text in time order); the type of each name is in ``customer_fields``. Values of PII
+fields are sealed objects (:mod:`services.identity.pii`): profiles are opened as they are read
+and the writes seal the names they are told to, so :class:`Profile` always holds plain values.
 
 Other identity modules use :func:`insert_anonymous_users` (subscriptions, Login, Logout) and
 :func:`load_users` (whole profiles).
@@ -23,7 +25,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services.identity import subscriptions_store
+from services.identity import pii, subscriptions_store
 from services.identity.fields import CustomerField, FieldType
 from services.runtime.db import DBConnection
 
@@ -42,6 +44,7 @@ __all__ = [
     "delete_alias",
     "delete_user",
     "existing_user_ids",
+    "field_from_row",
     "format_timestamp",
     "insert_alias",
     "insert_aliases",
@@ -302,16 +305,19 @@ def _number(value: Any) -> JsonScalar:
 _PLAIN_TYPES = frozenset({str, float, bool})
 
 
-def _attributes(stored: dict[str, Any]) -> dict[str, JsonScalar]:
-    """The stored attributes as :data:`JsonScalar` values (whole numbers read back as floats)."""
+def _attributes(app_id: str, user_id: uuid.UUID, stored: dict[str, Any]) -> dict[str, JsonScalar]:
+    """The stored attributes as :data:`JsonScalar` values (whole numbers read back as floats,
+    sealed values opened)."""
     for value in stored.values():
         if type(value) not in _PLAIN_TYPES:
+            if any(pii.is_sealed(value) for value in stored.values()):
+                stored = pii.open_attributes(app_id, user_id, stored)
             return {name: _number(value) for name, value in stored.items()}
     # The common case: json.loads built a fresh dict of plain values; no copy needed.
     return stored
 
 
-def _profile(row: asyncpg.Record) -> Profile:
+def _profile(row: asyncpg.Record, app_id: str) -> Profile:
     month = row["birth_month"]
     return Profile(
         user_id=row["user_id"],
@@ -324,7 +330,7 @@ def _profile(row: asyncpg.Record) -> Profile:
         timezone=row["timezone"],
         language=row["language"],
         country=row["country"],
-        attributes=_attributes(row["attributes"]),
+        attributes=_attributes(app_id, row["user_id"], row["attributes"]),
         create_time=row["create_time"],
         update_time=row["update_time"],
     )
@@ -352,7 +358,7 @@ async def lock_profiles(
         app_id,
         sorted(set(user_ids)),
     )
-    return {row["user_id"]: _profile(row) for row in rows}
+    return {row["user_id"]: _profile(row, app_id) for row in rows}
 
 
 async def lock_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> Profile | None:
@@ -360,8 +366,18 @@ async def lock_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> Prof
     return (await lock_profiles(conn, app_id, [user_id])).get(user_id)
 
 
-def _columns(profiles: Sequence[Profile]) -> list[list[Any]]:
-    """The profiles as parallel arrays, in the column order of the write statements."""
+def _columns(app_id: str, profiles: Sequence[Profile], sealed: frozenset[str]) -> list[list[Any]]:
+    """The profiles as parallel arrays, in the column order of the write statements, with the
+    attribute values of ``sealed`` names sealed."""
+    if sealed:
+        attributes = [
+            pii.seal_attributes(app_id, p.user_id, p.attributes, sealed)
+            if not sealed.isdisjoint(p.attributes)
+            else p.attributes
+            for p in profiles
+        ]
+    else:
+        attributes = [p.attributes for p in profiles]
     return [
         [p.user_id for p in profiles],
         [p.external_id for p in profiles],
@@ -375,7 +391,7 @@ def _columns(profiles: Sequence[Profile]) -> list[list[Any]]:
         [p.timezone for p in profiles],
         [p.language for p in profiles],
         [p.country for p in profiles],
-        [p.attributes for p in profiles],
+        attributes,
     ]
 
 
@@ -409,29 +425,40 @@ WHERE u.app_id = $1 AND u.user_id = v.user_id
 
 
 async def insert_profiles(
-    conn: DBConnection, app_id: str, profiles: Sequence[Profile], at: datetime
+    conn: DBConnection,
+    app_id: str,
+    profiles: Sequence[Profile],
+    at: datetime,
+    *,
+    sealed: frozenset[str] = frozenset(),
 ) -> set[uuid.UUID]:
     """Create users (one statement); returns the ids actually inserted.
 
     A profile whose id or external id is taken already is skipped (``ON CONFLICT DO
     NOTHING``), so the caller can tell a lost race from a success. ``create_time`` and
-    ``update_time`` are ``at``.
+    ``update_time`` are ``at``; attributes named in ``sealed`` (PII fields) are stored sealed.
     """
     if not profiles:
         return set()
-    rows = await conn.fetch(_INSERT_PROFILES, app_id, *_columns(profiles), at)
+    rows = await conn.fetch(_INSERT_PROFILES, app_id, *_columns(app_id, profiles, sealed), at)
     return {row["user_id"] for row in rows}
 
 
 async def update_profiles(
-    conn: DBConnection, app_id: str, profiles: Sequence[Profile], at: datetime
+    conn: DBConnection,
+    app_id: str,
+    profiles: Sequence[Profile],
+    at: datetime,
+    *,
+    sealed: frozenset[str] = frozenset(),
 ) -> None:
     """Write the whole new state of existing users (one statement); ``update_time`` is ``at``.
 
-    Call it on rows locked with :func:`lock_profiles` in the same transaction.
+    Call it on rows locked with :func:`lock_profiles` in the same transaction. Attributes
+    named in ``sealed`` (PII fields) are stored sealed.
     """
     if profiles:
-        await conn.execute(_UPDATE_PROFILES, app_id, *_columns(profiles), at)
+        await conn.execute(_UPDATE_PROFILES, app_id, *_columns(app_id, profiles, sealed), at)
 
 
 async def insert_anonymous_users(
@@ -523,10 +550,10 @@ ORDER BY s.create_time, s.subscription_id
 }
 
 
-def _user(row: asyncpg.Record) -> User:
+def _user(row: asyncpg.Record, app_id: str) -> User:
     """A profile row of :data:`_USER_FIELDS` (plus ``event_count``), without subscriptions."""
     return User(
-        profile=_profile(row),
+        profile=_profile(row, app_id),
         aliases=[Alias(label, value) for label, value in row["aliases"]],
         timestamp_attributes=frozenset(row["timestamp_attributes"]),
         subscriptions=[],
@@ -554,7 +581,7 @@ async def load_user_by(
     rows = await conn.fetch(_LOAD_USER_BY[kind], app_id, *values)
     if not rows:
         return None
-    user = _user(rows[0])
+    user = _user(rows[0], app_id)
     user.subscriptions = [
         subscriptions_store.subscription_from_row(row, _SUB)
         for row in rows
@@ -586,7 +613,7 @@ async def load_users(
         The profiles by user id.
     """
     rows = await conn.fetch(_LOAD_USERS, app_id, list(user_ids), with_subscriptions)
-    users = {row["user_id"]: _user(row) for row in rows}
+    users = {row["user_id"]: _user(row, app_id) for row in rows}
     if with_subscriptions and users:
         held = await subscriptions_store.fetch_for_users(conn, app_id, list(users))
         for user_id, subscriptions in held.items():
@@ -707,7 +734,8 @@ async def delete_alias(conn: DBConnection, app_id: str, user_id: uuid.UUID, labe
 _FIELD_COLUMNS = "name, type, description, pii, auto_defined, create_time"
 
 
-def _field(row: asyncpg.Record) -> CustomerField:
+def field_from_row(row: asyncpg.Record) -> CustomerField:
+    """A definition from a row of the ``customer_fields`` columns."""
     return CustomerField(
         name=row["name"],
         type=FieldType(row["type"]),
@@ -727,7 +755,7 @@ async def customer_fields(
         app_id,
         list(set(names)),
     )
-    return {row["name"]: _field(row) for row in rows}
+    return {row["name"]: field_from_row(row) for row in rows}
 
 
 async def insert_auto_fields(
@@ -773,7 +801,7 @@ async def insert_customer_field(
         field.pii,
         at,
     )
-    return _field(row) if row is not None else None
+    return field_from_row(row) if row is not None else None
 
 
 async def adopt_auto_defined_field(
@@ -783,7 +811,8 @@ async def adopt_auto_defined_field(
     PII flag; None if the stored definition is explicit or of another type."""
     row = await conn.fetchrow(
         f"""
-        UPDATE customer_fields SET description = $4, pii = $5, auto_defined = false
+        UPDATE customer_fields SET description = $4, pii = $5, auto_defined = false,
+            pii_settled = CASE WHEN pii = $5 THEN pii_settled ELSE false END
         WHERE app_id = $1 AND name = $2 AND type = $3 AND auto_defined
         RETURNING {_FIELD_COLUMNS}
         """,
@@ -793,7 +822,7 @@ async def adopt_auto_defined_field(
         field.description,
         field.pii,
     )
-    return _field(row) if row is not None else None
+    return field_from_row(row) if row is not None else None
 
 
 async def list_customer_fields(
@@ -811,7 +840,7 @@ async def list_customer_fields(
         after,
         limit,
     )
-    return [_field(row) for row in rows]
+    return [field_from_row(row) for row in rows]
 
 
 # -- erasure and export --------------------------------------------------------------------------

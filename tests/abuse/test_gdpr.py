@@ -7,7 +7,9 @@ customer is erased (identity ``DeleteUser``) while waiting. Then:
 
 * no message for them reaches the sink after the erasure committed;
 * ``pg_dump`` of identity's, journey's and delivery's databases (the binary next to the Postgres
-  that scripts/stack.sh runs) contains none of the canary values;
+  that scripts/stack.sh runs) contains none of the canary values; the value of a PII customer
+  field is not in identity's dump even before the erasure (sealed at rest), though the message
+  rendered it;
 * the dumps show none of the provider credentials (delivery's channel configs) nor any API key
   secret in plaintext.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tidings.delivery.v1 import channel_pb2, template_pb2
+from tidings.identity.v1 import customer_field_pb2
 from tidings.identity.v1 import subscription_pb2 as spb
 from tidings.journey.v1 import journey_pb2 as jpb
 
@@ -161,6 +164,16 @@ async def test_erasure_mid_journey_stops_sends_and_leaves_no_trace(
                 exit_node("end"),
             ),
         )
+        # A PII customer field: sealed at rest, yet rendered into the message (delivery reads
+        # the profile through BatchGetUsers, which opens it).
+        await stack.users.CreateCustomerField(
+            M.CreateCustomerFieldRequest(
+                field=customer_field_pb2.CustomerField(
+                    name="secret", type=customer_field_pb2.FIELD_TYPE_STRING, pii=True
+                )
+            ),
+            metadata=app.server,
+        )
         upserted = await stack.users.UpsertUser(
             M.UpsertUserRequest(
                 ref={"external_id": profile["external_id"]},
@@ -212,10 +225,13 @@ async def test_erasure_mid_journey_stops_sends_and_leaves_no_trace(
             return any(profile["first_name"].encode() in r.body for r in sink.received)
 
         await eventually(first_arrived, within=30, what="the first send at the sink")
+        assert any(profile["attribute"].encode() in r.body for r in sink.received)
         # Control: before the erasure the dump does show the profile (the grep below can fail).
         before = (await pg_dump(stack.identity_db)).lower()
         assert profile["first_name"].encode() in before
         assert profile["event"].encode() in before
+        # ... but not the value of the PII field, encrypted at rest.
+        assert profile["attribute"].lower().encode() not in before
         # Erase while the customer waits between the two sends.
         await stack.users.DeleteUser(M.DeleteUserRequest(ref=by_id(user_id)), metadata=app.server)
         erased_at = time.time()

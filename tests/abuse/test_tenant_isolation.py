@@ -167,6 +167,14 @@ TABLE: dict[str, tuple[str, Build]] = {
         ),
     ),
     "IdentityService.ListCustomerFields": (OWN, lambda w: M.ListCustomerFieldsRequest()),
+    # A's own field of that name (CreateCustomerField above defined it): B's is untouched.
+    "IdentityService.UpdateCustomerField": (
+        OWN,
+        lambda w: M.UpdateCustomerFieldRequest(
+            field=customer_field_pb2.CustomerField(name=w.field_name, description="A's"),
+            update_mask={"paths": ["description"]},
+        ),
+    ),
     "IdentityService.CreateSubscription": (
         NOT_FOUND,
         lambda w: M.CreateSubscriptionRequest(
