@@ -23,6 +23,7 @@ A job whose pages identity refuses for now (down, no key yet) is retried after a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -119,6 +120,11 @@ class AudienceLoader:
         # The next page, asked of identity while the current one is being entered.
         self._next: tuple[tuple[str, str], asyncio.Task[tuple[list[user_pb2.User], str]]] | None
         self._next = None
+        # Pages stored (wakes this process's page workers) and entered (wakes its reader, which
+        # stops PAGES_AHEAD pages ahead): without them each side sleeps a whole idle wait
+        # whenever it catches up with the other, and an activation moves in fits and starts.
+        self._stored = asyncio.Event()
+        self._entered = asyncio.Event()
 
     async def _page(self, app_id: str, token: str) -> tuple[list[user_pb2.User], str]:
         """One ListUsers page (prefetched when it was asked for already), then the next one
@@ -141,13 +147,16 @@ class AudienceLoader:
     async def run(self, page_workers: int = PAGE_WORKERS) -> None:
         """Until cancelled: read pages of jobs, and enter pages (``page_workers`` at once)."""
         await asyncio.gather(
-            self._loop(self.work_once), *(self._loop(self.enter_page) for _ in range(page_workers))
+            self._loop(self.work_once, self._entered),
+            *(self._loop(self.enter_page, self._stored) for _ in range(page_workers)),
         )
 
-    async def _loop(self, step: Callable[[], Awaitable[bool]]) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[bool]], wake: asyncio.Event) -> None:
         while True:
+            wake.clear()  # before the step: what it misses sets the event again
             if not await step():
-                await asyncio.sleep(_IDLE_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _IDLE_SECONDS)
 
     async def enter_page(self) -> bool:
         """Enter one read page of an all-contacts audience; False when none is waiting."""
@@ -187,6 +196,7 @@ class AudienceLoader:
                 page["page_no"],
                 outcomes.count(ENTERED),
             )
+        self._entered.set()
         self._runtime.engine.nudge()
         return True
 
@@ -256,6 +266,7 @@ class AudienceLoader:
                     [uuid.UUID(u.user_id) for u in users],
                 )
             await self._finish(conn, job, len(users), 0, next_token, done=not next_token)
+        self._stored.set()
         return True
 
     async def _segment(self, job: Any, trigger: str) -> tuple[int, int]:

@@ -7,7 +7,9 @@ their new state, their path steps and the ``delivery.requests`` records of their
 outbox) written with one statement each, and committed together. A crash anywhere before the
 commit leaves the rows as they were for the next claim; after it, everything is done: each step
 runs exactly once per customer visit, and a send's outbox row exists exactly when its step was
-taken. Idempotency keys are ``<journey>/<user>/<visit>/<node>/<step>``.
+taken. Idempotency keys are ``<journey>/<user>/<visit>/<node>/<step>``. Customers whose run is
+the same for everyone at their point of the journey (:mod:`services.journey.routes`) are not
+stepped one by one: each such group is moved by one set-based statement in the same transaction.
 
 Calls to other services happen inside the claim (profiles for branches, delays and webhooks;
 attribute writes): a profile read has no effect; an attribute write and a webhook call are
@@ -46,8 +48,16 @@ from services.journey.catalog import Catalog
 from services.journey.conditions import ProfileFacts, matches_profile, value_of
 from services.journey.definitions import node_kind
 from services.journey.entries import Candidate, enter
-from services.journey.instances_store import Instance, StepRow
+from services.journey.instances_store import Instance, RouteRows, StepRow
 from services.journey.peers import PeerRefused, Peers, PeerUnavailable
+from services.journey.routes import (
+    MAX_STEPS_PER_CLAIM,
+    Route,
+    RouteSend,
+    route_from,
+    send_request,
+    timeout_output,
+)
 from services.journey.settings import JourneySettings
 from services.journey.split import choose_branch
 from services.journey.webhooks import WebhookCall, call_webhook
@@ -65,8 +75,6 @@ log = logging.getLogger(__name__)
 RETRY_DELAY = timedelta(seconds=15)
 #: How often each claim loop looks for due birthday entries.
 BIRTHDAY_POLL_SECONDS = 1.0
-#: Steps one customer may take in one claim (a guard; Validate refuses instant cycles).
-MAX_STEPS_PER_CLAIM = 100
 DEFAULT_RESULT_TIMEOUT = timedelta(hours=1)
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 _LIQUID = Environment()
@@ -96,16 +104,29 @@ def idempotency_key(inst: Instance) -> str:
     return f"{inst.journey_id}/{inst.user_id}/{inst.visit}/{inst.node_id}/{inst.seq}"
 
 
+#: Journey versions whose routes are kept (forgotten all at once beyond it).
+_MAX_ROUTES = 10_000
+
+
 def _duration(value: Any) -> timedelta:
     return timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
 
 
 @dataclass
 class Effects:
-    """What one claim writes besides the customers' rows."""
+    """What one claim writes besides the rows of customers stepped one by one."""
 
     steps: dict[tuple[str, uuid.UUID, uuid.UUID, int, int], StepRow] = field(default_factory=dict)
     sends: list[tuple[str, SendRequest]] = field(default_factory=list)
+    #: Customers moved along a route, by (app, journey, route): written set-based.
+    routed: dict[tuple[str, uuid.UUID, Route], list[Instance]] = field(default_factory=dict)
+
+    @property
+    def step_count(self) -> int:
+        """Path rows written (arrivals and departures merged per step)."""
+        return len(self.steps) + sum(
+            len(route.steps) * len(group) for (_, _, route), group in self.routed.items()
+        )
 
     def step(self, row: StepRow) -> None:
         # One row per step: an arrival and its departure in the same claim become one upsert.
@@ -162,10 +183,13 @@ _CALLING = frozenset({"branch", "delay", "webhook", "update_profile", "wait_for_
 
 @dataclass(frozen=True, slots=True)
 class _Graph:
-    """A journey version as one claim sees it: the journey's state and its nodes by id."""
+    """A journey version as one claim sees it: the journey's state, its nodes by id, and the
+    routes known from its points (``(node, status, pending output)``, kept across claims)."""
 
     state: str
     nodes: dict[str, jpb.Node]
+    routes: dict[tuple[str, str, str], Route | None]
+    journey: str
 
 
 class _Retry(Exception):
@@ -200,6 +224,8 @@ class Engine:
         self._clock = clock
         self._steps, self._lag, self._sends = _metrics(metrics)
         self._wake = asyncio.Event()
+        self._routes: dict[tuple[str, uuid.UUID, int], dict[tuple[str, str, str], Route | None]]
+        self._routes = {}
 
     def nudge(self) -> None:
         """New work is due now: wake idle workers of this process."""
@@ -225,7 +251,14 @@ class Engine:
     async def step_once(self) -> int:
         """One claim: step up to a batch of due customers; returns how many were claimed."""
         now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn:
+            # One round trip when nothing is due (idle loops ask often), not a transaction's three.
+            if not await instances_store.any_due(conn, now):
+                return 0
+            return await self._claim(conn, now)
+
+    async def _claim(self, conn: DBConnection, now: datetime) -> int:
+        async with conn.transaction():
             claimed = await instances_store.claim_due(conn, now, self._settings.engine_batch)
             if not claimed:
                 return 0
@@ -236,6 +269,15 @@ class Engine:
             effects = Effects()
             advanced = await self.step_instances(conn, claimed, effects, now)
             await instances_store.save_instances(conn, advanced)
+            for (app_id, journey_id, route), group in effects.routed.items():
+                await instances_store.move_routed(
+                    conn,
+                    app_id,
+                    journey_id,
+                    [inst.tid for inst in group],
+                    _route_rows(route, now),
+                    now,
+                )
             await instances_store.upsert_steps(conn, list(effects.steps.values()))
             await enqueue_many(conn, DELIVERY_REQUESTS, effects.sends)
         self._count(effects)
@@ -243,19 +285,35 @@ class Engine:
 
     async def step_entered(
         self, conn: DBConnection, entered: list[Instance], first_steps: list[StepRow], now: datetime
-    ) -> tuple[list[Instance], list[StepRow], list[tuple[str, SendRequest]]]:
-        """Run customers who just entered (in the entry's transaction) until they wait or leave:
-        entering and the first steps are one transition, written once."""
+    ) -> None:
+        """Run customers who just entered (in the entry's transaction) until they wait or leave,
+        and write them: entering and the first steps are one transition, written once."""
         effects = Effects()
         for step in first_steps:
             effects.step(step)
         advanced = await self.step_instances(conn, entered, effects, now, state="active")
+        if effects.routed:
+            # A route writes its customers' first step itself.
+            routed = {(i.journey_id, i.user_id) for g in effects.routed.values() for i in g}
+            effects.steps = {k: v for k, v in effects.steps.items() if k[1:3] not in routed}
+        for (app_id, journey_id, route), group in effects.routed.items():
+            await instances_store.enter_routed(
+                conn,
+                app_id,
+                journey_id,
+                group[0].version,
+                [(i.user_id, i.visit, i.trigger_id, i.trigger_properties) for i in group],
+                _route_rows(route, now),
+                now,
+            )
+        await instances_store.upsert_instances(conn, advanced)
+        await instances_store.upsert_steps(conn, list(effects.steps.values()))
+        await enqueue_many(conn, DELIVERY_REQUESTS, effects.sends)
         self._count(effects)
-        return advanced, list(effects.steps.values()), effects.sends
 
     def _count(self, effects: Effects) -> None:
         if self._steps is not None:
-            self._steps.inc(len(effects.steps))
+            self._steps.inc(effects.step_count)
         if self._sends is not None and effects.sends:
             self._sends.inc(len(effects.sends))
 
@@ -289,17 +347,31 @@ class Engine:
             key = (inst.app_id, inst.journey_id, inst.version)
             if key not in graphs:
                 definition = await self._catalog.definition(*key)
+                if key not in self._routes and len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
                 graphs[key] = _Graph(
                     states.get((inst.app_id, inst.journey_id), "gone"),
                     {node.node_id: node for node in definition.nodes},
+                    self._routes.setdefault(key, {}),
+                    str(inst.journey_id),
                 )
-        # Customers whose next node calls another service are stepped concurrently (their
-        # profile reads share one BatchGetUsers); the others, the bulk of a big batch, one
-        # after the other without a task each.
+        # Customers on a route (the bulk of a burst or an activation) are moved together by
+        # the caller. Of the others, those whose next node calls another service are stepped
+        # concurrently (their profile reads share one BatchGetUsers), the rest one after the
+        # other without a task each.
         advanced: list[Instance] = []
         calling: list[Instance] = []
+        routed = effects.routed
+        stamp = _timestamp(now)
         for inst in instances:
             graph = graphs[(inst.app_id, inst.journey_id, inst.version)]
+            route = self._route(inst, graph) if graph.state == "active" else None
+            if route is not None and self._route_sends(inst, graph, route, effects, stamp):
+                group = routed.get((inst.app_id, inst.journey_id, route))
+                if group is None:
+                    group = routed[(inst.app_id, inst.journey_id, route)] = []
+                group.append(inst)
+                continue
             node = graph.nodes.get(inst.node_id)
             if inst.status == "active" and node is not None and node_kind(node) in _CALLING:
                 calling.append(inst)
@@ -321,6 +393,41 @@ class Engine:
                 )
             )
         return advanced
+
+    def _route_sends(
+        self, inst: Instance, graph: _Graph, route: Route, effects: Effects, stamp: Timestamp
+    ) -> bool:
+        """Add the send requests of a customer's route; False (nothing added) when one cannot
+        be built, so the customer goes one by one (and waits for a retry there)."""
+        if not route.sends:
+            return True
+        user = str(inst.user_id)
+        try:
+            requests = [
+                send_request(
+                    inst.app_id,
+                    graph.journey,
+                    user,
+                    inst.visit,
+                    inst.seq + send.offset,
+                    send,
+                    inst.trigger_properties,
+                    stamp,
+                )
+                for send in route.sends
+            ]
+        except Exception:
+            return False
+        effects.sends.extend((user, request) for request in requests)
+        return True
+
+    def _route(self, inst: Instance, graph: _Graph) -> Route | None:
+        point = (inst.node_id, inst.status, inst.pending_output)
+        try:
+            return graph.routes[point]
+        except KeyError:
+            route = graph.routes[point] = route_from(graph.nodes, *point)
+            return route
 
     # -- one customer ----------------------------------------------------------------------------
 
@@ -348,7 +455,7 @@ class Engine:
                     return inst
                 if inst.status == "waiting":
                     self._leave(
-                        inst, node, inst.pending_output or _timeout_output(node), effects, now
+                        inst, node, inst.pending_output or timeout_output(node), effects, now
                     )
                 elif inst.status == "active":
                     taken = await self._run_node(inst, node, effects, loader, now)
@@ -485,22 +592,17 @@ class Engine:
         return ProfileFacts(events=events, is_member=is_member)
 
     def _send_request(self, inst: Instance, node: jpb.Node, now: datetime) -> SendRequest:
-        key = idempotency_key(inst)
-        # The key is unique per send and the same on every retry: it is the event id too.
-        request = SendRequest(
-            event_id=key,
-            app_id=inst.app_id,
-            user_id=str(inst.user_id),
-            idempotency_key=key,
-            template_id=node.send.template_id,
-            channels=node.send.channels,
-            journey_id=str(inst.journey_id),
-            journey_node_id=inst.node_id,
-            occurred_at=_timestamp(now),
+        send = RouteSend(0, inst.node_id, node.send.template_id, tuple(node.send.channels))
+        return send_request(
+            inst.app_id,
+            str(inst.journey_id),
+            str(inst.user_id),
+            inst.visit,
+            inst.seq,
+            send,
+            inst.trigger_properties,
+            _timestamp(now),
         )
-        if inst.trigger_properties:
-            request.trigger_properties.update(inst.trigger_properties)
-        return request
 
     async def _wait_for_event(
         self, inst: Instance, wait: jpb.WaitForEventNode, now: datetime
@@ -696,6 +798,17 @@ def _entry_time(birthday: jpb.Entry.Birthday) -> time:
     return time(9, 0)
 
 
+def _route_rows(route: Route, now: datetime) -> RouteRows:
+    return RouteRows(
+        route.node_id,
+        route.status,
+        route.waiting_for,
+        now + route.wait if route.wait is not None else None,
+        route.offset,
+        [(step.offset, step.node_id, step.output, step.closed) for step in route.steps],
+    )
+
+
 def _step(inst: Instance, output: str, now: datetime, *, open_: bool = False) -> StepRow:
     return StepRow(
         inst.app_id,
@@ -708,17 +821,6 @@ def _step(inst: Instance, output: str, now: datetime, *, open_: bool = False) ->
         inst.node_enter_time,
         None if open_ else now,
     )
-
-
-def _timeout_output(node: jpb.Node) -> str:
-    kind = node_kind(node)
-    if kind == "send":
-        return "failed"
-    if kind == "wait_for_event":
-        return "timeout"
-    if kind == "retarget":
-        return "reminder"
-    return "next"
 
 
 def _template_user(user: user_pb2.User | None) -> dict[str, Any]:

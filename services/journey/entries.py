@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from tidings.events.v1.send_request_pb2 import SendRequest
 from tidings.journey.v1 import journey_pb2 as jpb
 
 from services.journey import instances_store
 from services.journey.instances_store import Instance, StepRow
 from services.runtime.db import DBConnection
-from services.runtime.kafka import DELIVERY_REQUESTS
-from services.runtime.outbox import enqueue_many
 
 __all__ = ["ENTERED", "Candidate", "Stepper", "enter"]
 
@@ -37,12 +34,12 @@ ENTERED = "ENTERED"
 
 
 class Stepper(Protocol):
-    """Runs customers who just entered until they wait or leave (the engine's
-    ``step_entered``): their rows, all path steps, and the sends to request."""
+    """Runs customers who just entered until they wait or leave, and writes them: their rows,
+    all path steps, and the sends to request (the engine's ``step_entered``)."""
 
     async def __call__(
         self, conn: DBConnection, entered: list[Instance], first_steps: list[StepRow], now: datetime
-    ) -> tuple[list[Instance], list[StepRow], list[tuple[str, SendRequest]]]: ...
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +87,8 @@ async def enter(
         definitions: ``async (app_id, journey_id, version) -> JourneyDefinition`` (a cache).
         candidates: Who, with which trigger; a user listed twice enters at most once.
         at: Now (the engine's clock).
-        stepper: Runs the entered customers' first steps in this transaction (the engine);
-            without it they wait at the start node, due now, for a claim.
+        stepper: Runs the entered customers' first steps in this transaction and writes them
+            (the engine); without it they wait at the start node, due now, for a claim.
 
     Returns:
         ``ENTERED`` or the refusal reason, in the order of ``candidates``.
@@ -201,12 +198,11 @@ async def enter(
     steps = [
         StepRow(app_id, journey_id, i.user_id, i.visit, 1, start, "", at, None) for i in entered
     ]
-    sends: Sequence[tuple[str, Any]] = ()
     if stepper is not None:
-        entered, steps, sends = await stepper(conn, entered, steps, at)
-    await instances_store.upsert_instances(conn, entered)
-    await instances_store.upsert_steps(conn, steps)
-    await enqueue_many(conn, DELIVERY_REQUESTS, list(sends))
+        await stepper(conn, entered, steps, at)
+    else:
+        await instances_store.upsert_instances(conn, entered)
+        await instances_store.upsert_steps(conn, steps)
     return outcomes
 
 

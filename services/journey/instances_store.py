@@ -16,11 +16,15 @@ from services.runtime.db import DBConnection
 
 __all__ = [
     "Instance",
+    "RouteRows",
     "StepRow",
+    "any_due",
     "claim_due",
+    "enter_routed",
     "exit_all",
     "insert_entries",
     "lock_instances",
+    "move_routed",
     "park",
     "save_instances",
     "seen_triggers",
@@ -83,6 +87,9 @@ class Instance:
     trigger_id: str
     trigger_properties: dict[str, Any] = field(default_factory=dict)
     counts_for_reentry: bool = True
+    #: The row's physical address (``ctid``) while a claim holds its lock: stable until this
+    #: transaction changes the row, and the cheapest way back to it (see :func:`move_routed`).
+    tid: Any = None
 
     def copy(self) -> Instance:
         """A copy to change."""
@@ -106,6 +113,7 @@ class Instance:
             self.trigger_id,
             self.trigger_properties,
             self.counts_for_reentry,
+            self.tid,
         )
 
     @property
@@ -151,6 +159,17 @@ class StepRow:
     exit_time: datetime | None
 
 
+async def any_due(conn: DBConnection, now: datetime) -> bool:
+    """Whether some customer's wake time has come (locked ones included)."""
+    # In the order of ``instances_due``, as the claim reads it: a plan cached for any ``now``
+    # stays an index scan (an EXISTS could become a scan of the table, long when none is due).
+    found = await conn.fetchval(
+        "SELECT 1 FROM instances WHERE wake_at <= $1 ORDER BY wake_at LIMIT 1",
+        now,
+    )
+    return found is not None
+
+
 async def claim_due(conn: DBConnection, now: datetime, limit: int) -> list[Instance]:
     """Lock up to ``limit`` customers whose wake time has come, oldest first.
 
@@ -159,7 +178,7 @@ async def claim_due(conn: DBConnection, now: datetime, limit: int) -> list[Insta
     """
     records = await conn.fetch(
         f"""
-        SELECT {_SELECT_COLUMNS} FROM instances
+        SELECT {_SELECT_COLUMNS}, ctid FROM instances
         WHERE wake_at <= $1
         ORDER BY wake_at
         LIMIT $2
@@ -174,13 +193,19 @@ async def claim_due(conn: DBConnection, now: datetime, limit: int) -> list[Insta
 async def lock_instances(
     conn: DBConnection, app_id: str, journey_id: uuid.UUID, user_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Instance]:
-    """The rows of these customers in one journey, locked (missing ones left out)."""
+    """The rows of these customers in one journey, locked (missing ones left out).
+
+    One index lookup per id, in id order: with ``user_id = ANY(...)`` of a thousand ids the
+    planner scans the whole table (it prices each lookup as a disk read), which an entry page
+    paid for in every transaction once a journey held some tens of thousands of customers."""
     records = await conn.fetch(
         f"""
-        SELECT {_SELECT_COLUMNS} FROM instances
-        WHERE app_id = $1 AND journey_id = $2 AND user_id = ANY($3::uuid[])
-        ORDER BY user_id
-        FOR UPDATE
+        SELECT i.* FROM (SELECT u FROM unnest($3::uuid[]) AS u ORDER BY u) AS ids(user_id)
+        CROSS JOIN LATERAL (
+            SELECT {_SELECT_COLUMNS} FROM instances
+            WHERE app_id = $1 AND journey_id = $2 AND user_id = ids.user_id
+            FOR UPDATE
+        ) AS i
         """,
         app_id,
         journey_id,
@@ -445,6 +470,150 @@ async def upsert_steps(conn: DBConnection, steps: Sequence[StepRow]) -> None:
         [s.output for s in steps],
         micros(s.enter_time for s in steps),
         micros(s.exit_time for s in steps),
+    )
+
+
+_ROUTE_STEPS = """
+unnest($1::int[], $2::text[], $3::text[], $4::boolean[]) AS r(step, node_id, output, closed)
+"""
+
+# A route applied to customers of one journey, all locked by the caller: their new state and
+# the route's path rows, by offset from each one's current step (``old``: every sub-statement
+# reads the rows as they were before this statement). The rows are found by the ``ctid`` the
+# claim read under its lock (a TID scan: no index lookup, and no plan that scans the table
+# because a thousand keys look costly to the planner).
+_MOVE_ROUTED = f"""
+WITH old AS (
+    SELECT user_id, visit, seq, node_enter_time FROM instances
+    WHERE ctid = ANY($7::tid[]) AND app_id = $5 AND journey_id = $6
+), moved AS (
+    UPDATE instances SET node_id = $8, status = $9, waiting_for = $10, wake_at = $11,
+        pending_output = '', seq = seq + $12,
+        node_enter_time = CASE WHEN $12 > 0 THEN $13 ELSE node_enter_time END,
+        exit_time = COALESCE($14, exit_time)
+    WHERE ctid = ANY($7::tid[]) AND app_id = $5 AND journey_id = $6
+)
+INSERT INTO path_steps (app_id, journey_id, user_id, visit, seq, node_id, output, enter_time,
+                        exit_time)
+SELECT $5, $6, o.user_id, o.visit, o.seq + r.step, r.node_id, r.output,
+       CASE WHEN r.step = 0 THEN o.node_enter_time ELSE $13 END,
+       CASE WHEN r.closed THEN $13::timestamptz END
+FROM old o CROSS JOIN {_ROUTE_STEPS}
+ON CONFLICT (app_id, journey_id, user_id, visit, seq) DO UPDATE SET
+    output = excluded.output, exit_time = excluded.exit_time
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRows:
+    """What a route writes, the same for every customer it moves (see ``routes.Route``)."""
+
+    node_id: str
+    status: str
+    waiting_for: str
+    wake_at: datetime | None
+    offset: int
+    steps: Sequence[tuple[int, str, str, bool]]
+
+    def step_columns(self) -> list[list[Any]]:
+        return [list(column) for column in zip(*self.steps, strict=True)]
+
+
+async def move_routed(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    tids: Sequence[Any],
+    rows: RouteRows,
+    now: datetime,
+) -> None:
+    """Move customers of one journey along a route: their rows and path steps, one statement.
+
+    ``tids`` are the ``ctid`` of rows the caller's claim locked and has not changed since
+    (:attr:`Instance.tid`); only they travel (the rest is the route's, or read from the rows)."""
+    if not tids:
+        return
+    result = await conn.execute(
+        _MOVE_ROUTED,
+        *rows.step_columns(),
+        app_id,
+        journey_id,
+        list(tids),
+        rows.node_id,
+        rows.status,
+        rows.waiting_for,
+        rows.wake_at,
+        rows.offset,
+        now,
+        now if rows.status == "exited" else None,
+    )
+    # Every locked row is where its tid says (the caller's lock keeps it there): a miss would be
+    # a bug, and failing rolls the claim back rather than leave customers half moved.
+    if int(result.split()[-1]) != len(tids) * len(rows.steps):
+        raise RuntimeError(f"moved {result.split()[-1]} path rows, expected {len(tids)} x route")
+
+
+_ENTER_ROUTED = f"""
+WITH e AS (
+    SELECT * FROM unnest($9::uuid[], $10::int[], $11::text[], $12::jsonb[])
+        AS e(user_id, visit, trigger_id, props)
+), entered AS (
+    INSERT INTO instances (app_id, journey_id, user_id, visit, version, node_id, status,
+                           waiting_for, wake_at, parked_wake_at, pending_output, seq,
+                           enter_time, node_enter_time, exit_time, trigger_id,
+                           trigger_properties, counts_for_reentry)
+    SELECT $5, $6, e.user_id, e.visit, $7, $8, $13, $14, $15, NULL, '', 1 + $16, $17, $17,
+           CASE WHEN $13 = 'exited' THEN $17::timestamptz END, e.trigger_id,
+           COALESCE(e.props, '{{}}'::jsonb), true
+    FROM e
+    ON CONFLICT (app_id, journey_id, user_id) DO UPDATE SET
+        visit = excluded.visit, version = excluded.version, node_id = excluded.node_id,
+        status = excluded.status, waiting_for = excluded.waiting_for,
+        wake_at = excluded.wake_at, parked_wake_at = NULL, pending_output = '',
+        seq = excluded.seq, enter_time = excluded.enter_time,
+        node_enter_time = excluded.node_enter_time, exit_time = excluded.exit_time,
+        trigger_id = excluded.trigger_id, trigger_properties = excluded.trigger_properties,
+        counts_for_reentry = true
+)
+INSERT INTO path_steps (app_id, journey_id, user_id, visit, seq, node_id, output, enter_time,
+                        exit_time)
+SELECT $5, $6, e.user_id, e.visit, 1 + r.step, r.node_id, r.output, $17,
+       CASE WHEN r.closed THEN $17::timestamptz END
+FROM e CROSS JOIN {_ROUTE_STEPS}
+ON CONFLICT (app_id, journey_id, user_id, visit, seq) DO UPDATE SET
+    output = excluded.output, exit_time = excluded.exit_time
+"""
+
+
+async def enter_routed(
+    conn: DBConnection,
+    app_id: str,
+    journey_id: uuid.UUID,
+    version: int,
+    entered: Sequence[tuple[uuid.UUID, int, str, dict[str, Any]]],
+    rows: RouteRows,
+    at: datetime,
+) -> None:
+    """Put customers who just entered (``(user_id, visit, trigger_id, properties)``, at the
+    start node at ``at``) where a route from the start node leads: rows and path, one statement."""
+    if not entered:
+        return
+    await conn.execute(
+        _ENTER_ROUTED,
+        *rows.step_columns(),
+        app_id,
+        journey_id,
+        version,
+        rows.node_id,
+        [e[0] for e in entered],
+        [e[1] for e in entered],
+        [e[2] for e in entered],
+        [e[3] or None for e in entered],
+        rows.status,
+        rows.waiting_for,
+        rows.wake_at,
+        rows.offset,
+        at,
     )
 
 

@@ -20,6 +20,7 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 __all__ = [
     "add_delay",
     "birthday_entry",
+    "in_whole_days",
     "local_wall",
     "next_local_time",
     "zone_of",
@@ -45,9 +46,14 @@ def local_wall(day: date, at: time, zone: tzinfo) -> datetime:
     return naive.replace(tzinfo=zone, fold=0).astimezone(UTC)
 
 
+def in_whole_days(length: timedelta) -> bool:
+    """Whether a delay is whole days, which keep the local wall time (so need the zone)."""
+    return length.seconds == 0 and length.microseconds == 0 and length.days > 0
+
+
 def add_delay(start: datetime, length: timedelta, zone: tzinfo) -> datetime:
     """``start`` plus a delay: whole days in local wall time, anything else exactly."""
-    if length.seconds == 0 and length.microseconds == 0 and length.days > 0:
+    if in_whole_days(length):
         local = start.astimezone(zone)
         day = local.date() + timedelta(days=length.days)
         return local_wall(day, local.time().replace(tzinfo=None), zone)
