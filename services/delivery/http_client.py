@@ -26,6 +26,7 @@ from services.runtime.webhooks import AddressPolicy, IPAddress, address_refusal
 __all__ = [
     "AddressPolicy",
     "AddressRefused",
+    "AnswerLost",
     "HttpClient",
     "HttpResponse",
     "address_refusal",
@@ -35,10 +36,19 @@ _MAX_HEAD = 32 * 1024
 _MAX_BODY = 64 * 1024
 _MAX_IDLE_PER_KEY = 512
 _MAX_CACHED = 1024
+#: A timeout whose timer fires this many seconds late finds the process was paused...
+_LATE = 0.5
+#: ...and gives answers already waiting in the socket this long to be read.
+_GRACE = 0.5
 
 
 class AddressRefused(Exception):
     """The URL's host is, or resolves to, an address the policy refuses."""
+
+
+class AnswerLost(OSError):
+    """The request went out but no answer came back (a timeout, a dropped connection): the
+    receiver may have acted on it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +150,8 @@ class HttpClient:
         Raises:
             AddressRefused: The host's address is refused by ``policy``.
             ValueError: The URL is not http(s) with a host.
-            OSError | TimeoutError | asyncio.IncompleteReadError: Network failures.
+            AnswerLost: The request went out, its answer did not come (timeout, drop).
+            OSError | TimeoutError: Network failures before the request went out.
         """
         parts = self._split(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -148,25 +159,36 @@ class HttpClient:
         secure = parts.scheme == "https"
         port = parts.port or (443 if secure else 80)
         host = parts.hostname
-        async with asyncio.timeout(timeout):
-            address = await self._resolve(host, port, policy)
-            key: _PoolKey = (parts.scheme, str(address), port, host)
-            connection = self._take(key)
-            if connection is None:
-                reader, writer = await asyncio.open_connection(
-                    str(address),
-                    port,
-                    ssl=self._tls if secure else None,
-                    server_hostname=host if secure else None,
-                )
-                connection = _Connection(reader, writer)
-            try:
-                response, keep = await self._exchange(
-                    connection, method, parts, host, port, headers, body
-                )
-            except BaseException:
-                connection.close()
-                raise
+        sent = False
+        try:
+            async with asyncio.timeout(None) as deadline:
+                expiry = _expire_at(deadline, asyncio.get_running_loop().time() + timeout)
+                try:
+                    address = await self._resolve(host, port, policy)
+                    key: _PoolKey = (parts.scheme, str(address), port, host)
+                    connection = self._take(key)
+                    if connection is None:
+                        reader, writer = await asyncio.open_connection(
+                            str(address),
+                            port,
+                            ssl=self._tls if secure else None,
+                            server_hostname=host if secure else None,
+                        )
+                        connection = _Connection(reader, writer)
+                    try:
+                        _write_request(connection, method, parts, host, port, headers, body)
+                        sent = True
+                        await connection.writer.drain()
+                        response, keep = await _read_response(connection.reader, method)
+                    except BaseException:
+                        connection.close()
+                        raise
+                finally:
+                    expiry.cancel()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+            if sent:
+                raise AnswerLost(f"{type(error).__name__}: {error}") from error
+            raise
         if keep:
             self._give_back(key, connection)
         else:
@@ -196,32 +218,48 @@ class HttpClient:
         else:
             connection.close()
 
-    async def _exchange(
-        self,
-        connection: _Connection,
-        method: str,
-        parts: SplitResult,
-        host: str,
-        port: int,
-        headers: Mapping[str, str],
-        body: bytes,
-    ) -> tuple[HttpResponse, bool]:
-        path = parts.path or "/"
-        target = f"{path}?{parts.query}" if parts.query else path
-        default_port = 443 if parts.scheme == "https" else 80
-        host_header = host if port == default_port else f"{host}:{port}"
-        if ":" in host and not host.startswith("["):
-            host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise ValueError(f"header {name!r} contains a line break")
-            lines.append(f"{name}: {value}")
-        lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        connection.writer.write(head + body)
-        await connection.writer.drain()
-        return await _read_response(connection.reader, method)
+
+def _expire_at(deadline: asyncio.Timeout, when: float) -> asyncio.TimerHandle:
+    """Time ``deadline`` out at loop time ``when``, unless the expiry itself runs late.
+
+    A process that was paused (SIGSTOP, a VM or GC pause) wakes with its answers waiting in
+    the socket and its timers overdue: the timer must not win over an answer that arrived in
+    time. A late expiry therefore grants one short grace for the waiting reads to run.
+    """
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        if loop.time() - when > _LATE:
+            deadline.reschedule(loop.time() + _GRACE)
+        else:
+            deadline.reschedule(loop.time())
+
+    return loop.call_at(when, expire)
+
+
+def _write_request(
+    connection: _Connection,
+    method: str,
+    parts: SplitResult,
+    host: str,
+    port: int,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> None:
+    path = parts.path or "/"
+    target = f"{path}?{parts.query}" if parts.query else path
+    default_port = 443 if parts.scheme == "https" else 80
+    host_header = host if port == default_port else f"{host}:{port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} contains a line break")
+        lines.append(f"{name}: {value}")
+    lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    connection.writer.write(head + body)
 
 
 async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[HttpResponse, bool]:

@@ -66,9 +66,11 @@ class NewMessage:
 
 
 async def insert_missing(
-    conn: DBConnection, rows: Sequence[NewMessage], now: datetime
+    conn: DBConnection, rows: Sequence[NewMessage], now: datetime, claimed_by: int | None = None
 ) -> set[uuid.UUID]:
     """Create the rows that do not exist (by id or idempotency key); others are left alone.
+
+    ``claimed_by``: the lease of the worker creating ``sending`` rows (its claims).
 
     Returns:
         The ids of the rows created (a claim, when they are created ``sending``).
@@ -80,11 +82,11 @@ async def insert_missing(
         INSERT INTO messages (app_id, message_id, idempotency_key, user_id, broadcast_id, state,
                               status, expire_at, due_at, request, journey_id, journey_node_id,
                               attempts, channel, subscription_id, template_id, template_version,
-                              sent_at, content, create_time, update_time)
+                              sent_at, content, create_time, update_time, claimed_by)
         SELECT r.app_id, r.message_id, r.key, r.user_id, r.broadcast_id, r.state, r.status,
                r.expire_at, r.due_at, r.request, r.journey_id, r.journey_node_id, r.attempts,
                r.channel, r.subscription_id, r.template_id, r.template_version, r.sent_at,
-               r.content, $11, $11
+               r.content, $11, $11, CASE WHEN r.state = 'sending' THEN $21::bigint END
         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[],
                     $7::smallint[], $8::timestamptz[], $9::timestamptz[], $10::bytea[],
                     $12::text[], $13::text[], $14::int[], $15::text[], $16::text[], $17::text[],
@@ -116,6 +118,7 @@ async def insert_missing(
         [r.template_version for r in rows],
         [r.sent_at for r in rows],
         [r.content for r in rows],
+        claimed_by,
     )
     return {row["message_id"] for row in created}
 
@@ -167,10 +170,17 @@ class Claim:
     counts_for_cap: bool
     #: In-app messages: the rendered InAppContent the SDK will fetch.
     content: bytes | None = None
+    #: Resend-safe channels: the record to publish again if the call's outcome is lost.
+    request: bytes | None = None
 
 
-async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> set[uuid.UUID]:
-    """Move queued messages of the given dispatch to 'sending'; returns the ids claimed."""
+async def claim(
+    conn: DBConnection, claims: Sequence[Claim], now: datetime, claimed_by: int | None = None
+) -> set[uuid.UUID]:
+    """Move queued messages of the given dispatch to 'sending'; returns the ids claimed.
+
+    ``claimed_by`` is the claiming worker's lease (see :mod:`services.delivery.leases`).
+    """
     if not claims:
         return set()
     rows = await conn.fetch(
@@ -180,11 +190,11 @@ async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> s
             channel = c.channel, subscription_id = c.subscription_id,
             template_id = c.template_id, template_version = c.template_version,
             sent_at = CASE WHEN c.counts THEN $10::timestamptz END, update_time = $10,
-            content = c.content
+            content = c.content, request = c.request, claimed_by = $13
         FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                    $7::text[], $8::int[], $9::bool[], $11::bytea[])
+                    $7::text[], $8::int[], $9::bool[], $11::bytea[], $12::bytea[])
              AS c(app_id, message_id, dispatch, user_id, channel, subscription_id, template_id,
-                  template_version, counts, content)
+                  template_version, counts, content, request)
         WHERE m.app_id = c.app_id AND m.message_id = c.message_id
           AND m.state = 'queued' AND m.dispatch = c.dispatch
         RETURNING m.message_id
@@ -200,6 +210,8 @@ async def claim(conn: DBConnection, claims: Sequence[Claim], now: datetime) -> s
         [c.counts_for_cap for c in claims],
         now,
         [c.content for c in claims],
+        [c.request for c in claims],
+        claimed_by,
     )
     return {row["message_id"] for row in rows}
 

@@ -419,7 +419,10 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, *, parts: Parts) -> l
 
 async def _worker_task(ctx: ServiceContext, *, parts: Parts) -> None:
     worker = Worker(ctx, parts.settings, parts.identity, parts.adapters, parts.box, parts.links)
-    await run_worker(ctx, worker)
+    try:
+        await run_worker(ctx, worker)
+    finally:
+        await worker.close()
 
 
 async def _fan_out_task(ctx: ServiceContext, *, parts: Parts) -> None:

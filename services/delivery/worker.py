@@ -11,13 +11,16 @@ Per polled batch (records of many users and apps):
    before sending: the subscription state and erasures it shows are the latest.
 3. Policy (:mod:`services.delivery.policy`) decides send, defer or fail; templates render.
    Fails and defers are recorded (timeline, receipt, ledger) in one transaction.
-4. Sends go in chunks: the chunk's ledger rows are moved to ``sending`` (or created
-   ``sending``, unique by message id and idempotency key, so only one worker's insert wins) and
-   committed (the ledger row written before the provider call), then the providers are called,
-   concurrently and rate-limited, then the outcomes are recorded in one transaction. A worker
-   killed between the two leaves ``sending`` rows: no record of them is ever acted on again
-   (their dispatch is no longer ``queued``), so the provider is never called twice for that
-   key; the scheduler marks them FAILED with reason OUTCOME_UNKNOWN after a while.
+4. Sends go through a window per channel (the concurrency, capped by the adapter's connection
+   pool): a row is moved to ``sending`` (or created ``sending``, unique by message id and
+   idempotency key, so only one worker's insert wins) and committed only when a slot is free
+   for its call, and the call starts right after — the ledger row is written before the
+   provider call, and a claimed row is a call in flight. Outcomes are recorded in groups.
+   Each claim carries this worker's lease (:mod:`services.delivery.leases`). A worker killed
+   between claim and record leaves ``sending`` rows that no record acts on again; once its
+   lease is gone the scheduler resends them with the same key on channels whose receiver drops
+   a repeat (webhooks, APNs: ``RESEND_SAFE``) and fails them OUTCOME_UNKNOWN elsewhere. A call
+   whose answer was lost after it went out (``maybe_delivered``) follows the same rule.
 5. RETRY outcomes are parked (``retry_wait``) with exponential backoff and jitter, honouring
    Retry-After; the scheduler puts them back on the topic as the next dispatch. After
    ``max_attempts`` provider calls the message fails (RETRIES_EXHAUSTED) and is dead-lettered.
@@ -29,7 +32,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,8 +50,10 @@ from services.delivery.channel_configs import ChannelConfig, load_configs
 from services.delivery.content import to_outbound_content
 from services.delivery.identity_client import IdentityClient
 from services.delivery.jobs import Job, record_key, spec_of, with_record_data
+from services.delivery.leases import Lease
 from services.delivery.messages_store import Claim, Finish, NewMessage, Park
 from services.delivery.providers.base import (
+    RESEND_SAFE,
     Channel,
     OutboundMessage,
     Outcome,
@@ -76,8 +81,6 @@ _STATUS_QUEUED = S.MESSAGE_STATUS_QUEUED
 _STATUS_DEFERRED = S.MESSAGE_STATUS_DEFERRED
 _STATUS_SENT = S.MESSAGE_STATUS_SENT
 _STATUS_FAILED = S.MESSAGE_STATUS_FAILED
-#: How long an app this deployment does not know is not asked about again.
-_UNKNOWN_APP_SECONDS = 5.0
 #: A rate-limited channel's chunk holds about this many seconds of its calls.
 _CHUNK_SECONDS = 10.0
 
@@ -168,29 +171,24 @@ class Worker:
         self._limits = RateLimits()
         self._outcomes, self._call_seconds = _metrics(ctx)
         self._known: set[str] = set()
-        self._unknown: dict[str, float] = {}
+        self._lease = Lease(settings.database_url)
+
+    async def close(self) -> None:
+        """Release the lease (the consumer has stopped: no claim of ours is pending)."""
+        await self._lease.close()
 
     @property
     def _clock(self) -> Clock:
         return self._ctx.clock
 
     async def _known_apps(self, app_ids: set[str]) -> set[str]:
-        """Which apps this deployment knows. A known app stays known; an unknown one is asked
-        about again after a few seconds (it may be configured meanwhile)."""
-        now = time.monotonic()
-        ask = {
-            app_id
-            for app_id in app_ids
-            if app_id and app_id not in self._known and self._unknown.get(app_id, 0.0) <= now
-        }
+        """Which apps this deployment knows. A known app stays known; the others are asked
+        about on every batch that holds them: an app configured a moment ago must not have
+        its first records skipped (a skipped record is never seen again)."""
+        ask = {app_id for app_id in app_ids if app_id and app_id not in self._known}
         if ask:
             async with self._ctx.pool.acquire() as conn:
-                found = await app_settings.known_apps(conn, sorted(ask))
-            self._known |= found
-            for app_id in ask - found:
-                self._unknown[app_id] = now + _UNKNOWN_APP_SECONDS
-            if len(self._unknown) > 100_000:
-                self._unknown.clear()
+                self._known |= await app_settings.known_apps(conn, sorted(ask))
         return app_ids & self._known
 
     async def handle(self, records: Sequence[Record[SendRequest]]) -> None:
@@ -296,31 +294,8 @@ class Worker:
         for item in items:
             if isinstance(item.decision, _Send):
                 by_channel[item.decision.target.channel].append(item)
-        # A chunk is claimed (committed) right before its calls, and the next chunk is claimed
-        # only once those calls returned: what a crash leaves undecided is one chunk, and no
-        # claim waits long for its call (a rate-limited channel gets chunks it can send in
-        # about _CHUNK_SECONDS). Recording a chunk's outcomes overlaps the next chunk's calls.
-        recording: list[asyncio.Task[None]] = []
-        try:
-            for channel, sends in by_channel.items():
-                config = configs.get((app_id, channel))
-                rate = self._limits.rate(channel, config.rate_limit if config else 0.0)
-                chunk = max(1, self._settings.send_concurrency)
-                if rate > 0:
-                    chunk = min(chunk, max(1, int(rate * _CHUNK_SECONDS)))
-                for start in range(0, len(sends), chunk):
-                    part = sends[start : start + chunk]
-                    results = await self._call_chunk(app_id, part, configs)
-                    if results is not None:
-                        recording.append(
-                            asyncio.create_task(self._record_results(*results, attempts))
-                        )
-        finally:
-            # Always wait: a chunk whose calls were made must have its outcome recorded.
-            outcomes = await asyncio.gather(*recording, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        for channel, sends in by_channel.items():
+            await self._send_channel(app_id, channel, sends, configs, attempts)
 
     # --- deciding --------------------------------------------------------------------------
 
@@ -608,13 +583,112 @@ class Worker:
 
     # --- sending ---------------------------------------------------------------------------
 
-    async def _call_chunk(
+    def _window(
+        self, app_id: str, channel: Channel, configs: dict[tuple[str, Channel], ChannelConfig]
+    ) -> int:
+        """How many calls of ``channel`` can really be in flight at once: the concurrency, no
+        more than the adapter's connections, nor _CHUNK_SECONDS of a rate-limited channel's."""
+        window = max(1, self._settings.send_concurrency)
+        pool = getattr(self._adapters.get(channel), "max_in_flight", None)
+        if isinstance(pool, int) and pool > 0:
+            window = min(window, pool)
+        config = configs.get((app_id, channel))
+        rate = self._limits.rate(channel, config.rate_limit if config else 0.0)
+        if rate > 0:
+            window = min(window, max(1, int(rate * _CHUNK_SECONDS)))
+        return window
+
+    async def _send_channel(
         self,
         app_id: str,
-        items: list[_Item],
+        channel: Channel,
+        sends: list[_Item],
         configs: dict[tuple[str, Channel], ChannelConfig],
-    ) -> tuple[list[_Item], list[ProviderResult]] | None:
-        """Claim a chunk's ledger rows, then call the providers for the claimed ones."""
+        attempts: dict[tuple[str, uuid.UUID], int],
+    ) -> None:
+        """Call the provider for ``sends``, at most a window of calls at a time.
+
+        A row is claimed (committed ``sending``) only when a slot is free for its call, and the
+        call starts right after: a claimed row means a call in flight, so what a crash leaves
+        undecided is the calls really under way, not a queue of calls waiting for a connection.
+        Claims go in groups of a quarter window (one statement each), and answers are recorded
+        in groups of the same size (or all at once when no call is left in flight), one
+        transaction at a time; new claims wait while a window of answers is unrecorded.
+        """
+        window = self._window(app_id, channel, configs)
+        group = max(1, window // 4)
+        config = configs.get((app_id, channel))
+        # Rate limits are waited out before the claim: a claimed call never waits for a token.
+        bucket = (
+            self._limits.bucket(app_id, channel, config.rate_limit)
+            if config is not None and channel is not Channel.IN_APP
+            else None
+        )
+        waiting = deque(sends)
+        calls: dict[asyncio.Task[ProviderResult], _Item] = {}
+        answered: list[tuple[_Item, ProviderResult]] = []
+        recorder: asyncio.Task[None] | None = None
+        recorders: list[asyncio.Task[None]] = []
+        # Completions are collected by callbacks (asyncio.wait over a whole window per answer
+        # would cost O(window) per message).
+        finished: list[asyncio.Task[ProviderResult]] = []
+        wake = asyncio.Event()
+
+        def call_done(task: asyncio.Task[ProviderResult]) -> None:
+            finished.append(task)
+            wake.set()
+
+        def recorder_done(_: asyncio.Task[None]) -> None:
+            wake.set()
+
+        try:
+            while waiting or calls:
+                while finished:
+                    done = finished.pop()
+                    answered.append((calls.pop(done), done.result()))
+                # One transaction per group of answers (or for the last ones): every record
+                # transaction commits receipts to the outbox, and those commits serialise.
+                if (
+                    answered
+                    and (not calls or len(answered) >= group)
+                    and (recorder is None or recorder.done())
+                ):
+                    recorder = asyncio.create_task(self._record_results(answered, attempts))
+                    recorder.add_done_callback(recorder_done)
+                    recorders.append(recorder)
+                    answered = []
+                free = window - len(calls)
+                # New claims wait while a window of answers is not yet recorded: what a crash
+                # leaves undecided stays bounded when recording is slower than the provider.
+                if waiting and free >= min(group, len(waiting)) and len(answered) < window:
+                    part = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    if bucket is not None:
+                        for _ in part:
+                            await bucket.take()
+                    for item in await self._claim(app_id, part):
+                        call = asyncio.create_task(self._call_provider(item, configs))
+                        call.add_done_callback(call_done)
+                        calls[call] = item
+                    continue
+                if not finished:
+                    wake.clear()
+                    await wake.wait()
+        finally:
+            # Calls that were made must have their outcome recorded, whatever stopped us.
+            if calls:
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                for item, result in zip(calls.values(), results, strict=True):
+                    if isinstance(result, ProviderResult):
+                        answered.append((item, result))
+            if answered:
+                recorders.append(asyncio.create_task(self._record_results(answered, attempts)))
+            outcomes = await asyncio.gather(*recorders, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _claim(self, app_id: str, items: list[_Item]) -> list[_Item]:
+        """Claim the ledger rows of ``items`` (committed); returns the items claimed."""
         now = self._clock()
         claims: list[Claim] = []
         created: list[NewMessage] = []
@@ -623,20 +697,27 @@ class Worker:
             assert isinstance(decision, _Send)
             assert item.user is not None
             job = item.job
+            channel = decision.target.channel
             subscription = decision.target.subscription
+            # What the scheduler publishes again if this call's outcome is lost (resend-safe
+            # channels only: elsewhere such a call is never repeated).
+            request = (
+                self._parked_request(job, item.user.user_id) if channel in RESEND_SAFE else None
+            )
             claim = Claim(
                 app_id=app_id,
                 message_id=job.message_id,
                 dispatch=job.dispatch,
                 user_id=item.user.user_id,
-                channel=decision.target.channel.value,
+                channel=channel.value,
                 subscription_id=subscription.subscription_id if subscription else "",
                 template_id=decision.template_id,
                 template_version=decision.template_version,
                 counts_for_cap=decision.counts_for_cap,
                 content=decision.content.in_app.SerializeToString()
-                if decision.target.channel is Channel.IN_APP
+                if channel is Channel.IN_APP
                 else None,
+                request=request,
             )
             if not item.new:
                 claims.append(claim)
@@ -651,6 +732,7 @@ class Worker:
                     state="sending",
                     status=_STATUS_QUEUED,
                     expire_at=job.expire_at,
+                    request=request,
                     journey_id=job.request.journey_id,
                     journey_node_id=job.request.journey_node_id,
                     attempts=1,
@@ -664,14 +746,11 @@ class Worker:
             )
         # The ledger rows, committed before any provider call. A row created here is the
         # claim: a concurrent worker's insert of the same message or key creates nothing.
+        lease = await self._lease.key()
         async with self._ctx.pool.acquire() as conn:
-            claimed = await messages_store.claim(conn, claims, now)
-            claimed |= await messages_store.insert_missing(conn, created, now)
-        mine = [item for item in items if item.job.message_id in claimed]
-        if not mine:
-            return None
-        results = await asyncio.gather(*(self._call_provider(item, configs) for item in mine))
-        return mine, list(results)
+            claimed = await messages_store.claim(conn, claims, now, lease)
+            claimed |= await messages_store.insert_missing(conn, created, now, lease)
+        return [item for item in items if item.job.message_id in claimed]
 
     async def _call_provider(
         self, item: _Item, configs: dict[tuple[str, Channel], ChannelConfig]
@@ -716,7 +795,6 @@ class Worker:
             if channel is Channel.SMS
             else "",
         )
-        await self._limits.bucket(job.app_id, channel, config.rate_limit).take()
         started = time.perf_counter()
         try:
             result = await adapter.send(message, config.credentials)
@@ -730,8 +808,7 @@ class Worker:
 
     async def _record_results(
         self,
-        items: list[_Item],
-        results: Sequence[ProviderResult],
+        answered: Sequence[tuple[_Item, ProviderResult]],
         attempts: dict[tuple[str, uuid.UUID], int],
     ) -> None:
         now = self._clock()
@@ -741,7 +818,7 @@ class Worker:
         facts: dict[uuid.UUID, Fact] = {}
         dead: list[tuple[str, DeadLetter]] = []
         deltas = BroadcastDeltas()
-        for item, result in zip(items, results, strict=True):
+        for item, result in answered:
             job, decision, user = item.job, item.decision, item.user
             assert isinstance(decision, _Send)
             assert user is not None
@@ -770,6 +847,33 @@ class Worker:
                 )
                 facts[job.message_id] = self._fact(job, _STATUS_SENT, now, **common)
                 deltas.add(job, sent=1)
+            elif (
+                result.outcome is Outcome.RETRY
+                and result.maybe_delivered
+                and decision.target.channel not in RESEND_SAFE
+            ):
+                # The provider may have taken it and would deliver a repeat: at most once.
+                finishes.append(
+                    Finish(
+                        job.app_id,
+                        job.message_id,
+                        "sending",
+                        job.dispatch,
+                        "failed",
+                        _STATUS_FAILED,
+                        user.user_id,
+                        channel,
+                    )
+                )
+                facts[job.message_id] = self._fact(
+                    job,
+                    _STATUS_FAILED,
+                    now,
+                    reason="OUTCOME_UNKNOWN",
+                    nth=f"f{attempt}",
+                    **common,
+                )
+                deltas.add(job, failed=1)
             elif result.outcome is Outcome.RETRY and attempt < settings.max_attempts:
                 delay = policy.backoff_seconds(
                     attempt,
@@ -791,11 +895,13 @@ class Worker:
                         channel,
                     )
                 )
+                # A lost answer on a resend-safe channel is repeated with the same key too;
+                # its timeline says so (the receiver may see the key twice, and drop one).
                 facts[job.message_id] = self._fact(
                     job,
                     _STATUS_DEFERRED,
                     now,
-                    reason="PROVIDER_RETRY",
+                    reason="OUTCOME_UNKNOWN" if result.maybe_delivered else "PROVIDER_RETRY",
                     nth=f"r{attempt}",
                     **common,
                 )

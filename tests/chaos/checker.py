@@ -1,9 +1,12 @@
 """Compare what clients were promised with what the sinks and stores saw.
 
 A message is *delivered* when the sink answered 200 to a call for it. Its idempotency key may
-arrive more than once only while no caller has seen a 200 for it yet (after a 429, a 503, a hang
-or a dropped connection the retry carries the same key, which is what the key is for); a call
-for a key after its 200, or a second key for the same (user, step), is a *duplicate*.
+arrive more than once while no caller has seen a 200 for it yet (after a 429, a 503, a hang or
+a dropped connection the retry carries the same key, which is what the key is for). A call for
+a key after its 200 is a *duplicate* — unless delivery declared that key's earlier call's
+outcome unknown (its worker died during it, or its answer was lost) and sent it again with the
+same key, which a receiver honouring the key drops (``resent``: counted, not a duplicate). A
+second key for the same (user, step) is always a duplicate.
 
 The checker is pure: it takes logs, returns a :class:`Verdict`, and the test asserts on it.
 """
@@ -79,6 +82,7 @@ def check_deliveries(
     calls: Iterable[Call],
     *,
     step_of: str = "node",
+    resent: Collection[str] = (),
 ) -> Verdict:
     """Fill ``verdict`` from sink calls.
 
@@ -88,14 +92,21 @@ def check_deliveries(
             a broadcast or a journey send; an absent step must get none).
         calls: Every call the sink logged.
         step_of: ``"node"`` (a step is user and node) or ``"user"`` (the node is ignored).
+        resent: Keys delivery's ledger shows sent again after an unknown outcome (timeline
+            OUTCOME_UNKNOWN, DEFERRED): a call for one after its 200 is a replay the receiver
+            drops, counted in ``notes["replays"]``.
     """
     ok_keys: dict[str, set[str]] = defaultdict(set)  # step -> keys answered 200
     answered: set[str] = set()  # keys the sink answered 200
-    retries = 0
+    retries = replays = 0
+    declared = set(resent)
     for call in sorted(calls, key=lambda c: c.time):
         step = call.user_id if step_of == "user" else f"{call.user_id}/{call.node}"
         if call.key in answered:
-            verdict.duplicated.append(f"{step}: key {call.key} called again after its 200")
+            if call.key in declared:
+                replays += 1
+            else:
+                verdict.duplicated.append(f"{step}: key {call.key} called again after its 200")
             continue
         if call.answer != OK:
             retries += 1
@@ -113,6 +124,7 @@ def check_deliveries(
         if got < want:
             verdict.lost.append(f"{step}: {got} of {want} delivered")
     verdict.notes["retried_calls"] = retries
+    verdict.notes["replays"] = replays
     verdict.checked = True
     return verdict
 

@@ -56,7 +56,7 @@ class Size:
 SIZES = {
     "ci": Size(
         name="ci",
-        broadcast=2_000,
+        broadcast=20_000,
         broadcast_kills=3,
         customers=150,
         engine_kills=3,

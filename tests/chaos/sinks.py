@@ -8,8 +8,11 @@ order, so a seed picks the same faults on every run; and only the first ``max_fa
 a key can misbehave, so every message can still get through within delivery's retry budget.
 
 Every call is logged as a :class:`Call` with what the sink did with it: the checker needs to
-know whether the caller ever saw a 200 (a call after that is a duplicate) or not (a call after a
-503, a hang or a drop is a legitimate retry with the same idempotency key).
+know whether the caller ever saw a 200 (a call after that is a duplicate, unless delivery
+declared that call's outcome unknown) or not (a call after a 503, a hang or a drop is a
+legitimate retry with the same idempotency key). Like a receiver honouring the webhook's
+``Idempotency-Key``, the sink answers a key it already answered 200 with 200 again and logs it
+as a ``replay``, with no second delivery.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ TOO_MANY = "429"
 UNAVAILABLE = "503"
 HANG = "hang"
 DROP = "drop"
+#: A call for a key this sink already answered 200: answered 200 again with no second effect,
+#: as a receiver honouring ``Idempotency-Key`` does (the webhook contract).
+REPLAY = "replay"
 _REPLIES = {
     OK: (200, b'{"ok": true}'),
+    REPLAY: (200, b'{"ok": true}'),
     TOO_MANY: (429, b'{"error": "slow down"}'),
     UNAVAILABLE: (503, b'{"error": "unavailable"}'),
 }
@@ -77,6 +84,7 @@ class FaultySink:
     calls: list[Call] = field(default_factory=list)
     answers: Counter[str] = field(default_factory=Counter)
     _attempts: Counter[str] = field(default_factory=Counter)
+    _answered: set[str] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _hung: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -106,6 +114,8 @@ class FaultySink:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     def _choose(self, key: str) -> str:
+        if key and key in self._answered:
+            return REPLAY
         attempt = self._attempts[key]
         self._attempts[key] += 1
         rates = self.rates
@@ -156,6 +166,8 @@ class FaultySink:
                     )
                 )
                 self.answers[answer] += 1
+                if answer == OK:
+                    self._answered.add(key)
                 if answer == DROP:
                     writer.transport.abort()
                     return

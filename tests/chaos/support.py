@@ -11,8 +11,12 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import grpc.aio
-import pytest
-from tidings.delivery.v1 import broadcast_pb2, channel_pb2, delivery_service_pb2_grpc
+from tidings.delivery.v1 import (
+    broadcast_pb2,
+    channel_pb2,
+    delivery_service_pb2_grpc,
+    message_pb2,
+)
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import identity_service_pb2_grpc, user_pb2, user_ref_pb2
@@ -240,50 +244,28 @@ def lost_users(verdict: Verdict) -> list[str]:
     return [entry.split(":", 1)[0].split("/", 1)[0] for entry in verdict.lost]
 
 
-def expect_only_known_defects(verdict: Verdict, states: Mapping[str, str]) -> None:
-    """Pass a clean verdict; xfail one whose only problems are the known delivery defects
-    (they are C's to fix: the verdict still shows FAIL in the table); fail anything else."""
-    counts = known_delivery_defects(states, lost_users(verdict))
+def expect_no_loss_or_duplicate(verdict: Verdict, states: Mapping[str, str]) -> None:
+    """Pass a clean verdict; fail anything else, with the ledger state of each lost user's
+    message in the notes (``state/dispatch/reasons``, by cause)."""
+    counts: dict[str, int] = {}
+    for user in lost_users(verdict):
+        cause = states.get(user, "no row")
+        counts[cause] = counts.get(cause, 0) + 1
     verdict.notes["lost_by_cause"] = counts
-    if verdict.passed:
-        return
-    clean_otherwise = not (verdict.duplicated or verdict.unexpected or verdict.other)
-    if clean_otherwise and counts["unexplained"] == 0:
-        pytest.xfail(
-            "known delivery defects (docs/reliability.md, 'Known defects'): "
-            f"{counts}; {verdict.explain()}"
-        )
-    raise AssertionError(verdict.explain())
+    assert verdict.passed, verdict.explain()
 
 
-def known_delivery_defects(states: Mapping[str, str], lost: Collection[str]) -> dict[str, int]:
-    """Sort lost users by the delivery defects the suite found (see docs/reliability.md):
-
-    * ``outcome-unknown``: the worker was SIGKILLed between claiming a chunk of sends and
-      calling the provider; the claimed calls that had not gone out are failed
-      OUTCOME_UNKNOWN and never made (at most once), so the message is lost.
-    * ``unexplained``: anything else (a new defect — or the fixed "retry record hidden by
-      its older record in one batch" coming back, which left messages ``queued`` for ever).
-    """
-    counts = {"outcome-unknown": 0, "unexplained": 0}
-    for user in lost:
-        state = states.get(user, "")
-        if "OUTCOME_UNKNOWN" in state:
-            counts["outcome-unknown"] += 1
-        else:
-            counts["unexplained"] += 1
-    return counts
-
-
-async def unknown_outcome_users(database_url: str) -> set[str]:
-    """Users whose message was settled OUTCOME_UNKNOWN (its worker died mid-call)."""
+async def resent_keys(database_url: str) -> set[str]:
+    """Keys delivery sent again after an unknown outcome (timeline OUTCOME_UNKNOWN, DEFERRED):
+    the worker died during the call, or its answer was lost, on a resend-safe channel."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT DISTINCT m.user_id FROM messages m JOIN message_events e "
+            "SELECT DISTINCT m.idempotency_key FROM messages m JOIN message_events e "
             "ON e.app_id = m.app_id AND e.message_id = m.message_id "
-            "WHERE e.reason = 'OUTCOME_UNKNOWN'"
+            "WHERE e.reason = 'OUTCOME_UNKNOWN' AND e.status = $1",
+            message_pb2.MESSAGE_STATUS_DEFERRED,
         )
     finally:
         await conn.close()
-    return {str(row["user_id"]) for row in rows}
+    return {str(row["idempotency_key"]) for row in rows}

@@ -4,6 +4,7 @@ the journey's key and ids back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -149,3 +150,38 @@ async def test_engagement_receipts_of_a_journey_message_name_the_journey(
     assert [(r.journey_id, r.journey_node_id, r.idempotency_key) for r in engaged] == [
         ("journey-7", "node-wait", key)
     ] * 2
+
+
+async def test_a_record_of_an_app_configured_a_moment_ago_is_sent(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    """A worker skips records of apps its deployment does not know (the topic is shared); an app
+    that becomes known must have its next record sent, however soon after a skipped one."""
+    user = await harness.user()
+    content = template_pb2.MessageContent(
+        webhook=template_pb2.WebhookContent(url=f"{sink.url}/new-app", body="{}")
+    )
+
+    def record(key: str) -> SendRequest:
+        spec = message_pb2.MessageSpec(
+            options=[message_pb2.SendOption(channel=channel_pb2.CHANNEL_WEBHOOK, content=content)]
+        )
+        return SendRequest(
+            event_id=str(uuid.uuid4()),
+            app_id=harness.app.app_id,
+            user_id=user.user_id,
+            idempotency_key=key,
+            spec=spec,
+        )
+
+    async with Producer(KAFKA_BOOTSTRAP, client_id="test-new-app") as producer:
+        # Not known yet: skipped (it may be another deployment's app).
+        await producer.send(DELIVERY_REQUESTS, user.user_id, record("before-configuration"))
+        await asyncio.sleep(2.0)
+        await harness.webhook_channel()  # the app is known from now on
+        key = "right-after-configuration"
+        await producer.send(DELIVERY_REQUESTS, user.user_id, record(key))
+        message_id = str(derive_message_id(harness.app.app_id, key))
+        message = await harness.wait_status(message_id, message_pb2.MESSAGE_STATUS_SENT)
+    assert message.idempotency_key == key
+    assert [r.path for r in sink.received] == ["/new-app"]

@@ -102,6 +102,8 @@ async def test_a_timeout_is_retried_later() -> None:
         result = await _send(f"{sink.url}/slow", {**LOOPBACK, "timeout_seconds": 1})
     assert result.outcome is Outcome.RETRY
     assert "timeout" in result.detail
+    # The request went out: the endpoint may have it (repeated with the same key).
+    assert result.maybe_delivered
     assert time.monotonic() - started < 3
 
 
@@ -110,6 +112,7 @@ async def test_a_refused_connection_is_retried_later() -> None:
 
     result = await _send(f"http://127.0.0.1:{free_port()}/nobody")
     assert result.outcome is Outcome.RETRY
+    assert not result.maybe_delivered  # nothing went out
 
 
 @pytest.mark.parametrize(

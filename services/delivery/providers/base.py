@@ -30,6 +30,16 @@ class Channel(StrEnum):
     IN_APP = "in_app"
 
 
+#: Channels on which a call whose outcome is unknown (its answer was lost, or its worker died
+#: during it) is made again with the same idempotency key, because the receiver turns a repeat
+#: of a key into one message: a webhook receiver drops it by ``Idempotency-Key`` (the webhook
+#: contract), APNs shows one notification per ``apns-collapse-id``. Every other provider would
+#: deliver a repeat as a second message (Twilio, SMTP, FCM, WhatsApp, Telegram; Web Push's
+#: ``Topic`` only replaces a message still pending), so there such a call is failed
+#: OUTCOME_UNKNOWN instead: at most once.
+RESEND_SAFE: frozenset[Channel] = frozenset({Channel.WEBHOOK, Channel.IOS_PUSH})
+
+
 @dataclass(frozen=True, slots=True)
 class PushContent:
     """A push notification (APNs, FCM, Web Push)."""
@@ -135,6 +145,10 @@ class ProviderResult:
         token_invalid: The token or address is dead (APNs 410, FCM UNREGISTERED, a hard
             bounce): identity disables the subscription.
         retry_after: Seconds the provider asked to wait (Retry-After), for RETRY.
+        maybe_delivered: A RETRY whose request may have reached the provider: the answer was
+            lost (a timeout or a dropped connection after the request went out). The worker
+            repeats such a call only on channels whose receiver drops a repeat of the same
+            key (:data:`RESEND_SAFE`); elsewhere it fails OUTCOME_UNKNOWN (at most once).
     """
 
     outcome: Outcome
@@ -142,6 +156,7 @@ class ProviderResult:
     detail: str = ""
     token_invalid: bool = False
     retry_after: float | None = None
+    maybe_delivered: bool = False
 
 
 class ReportKind(StrEnum):

@@ -225,6 +225,11 @@ class FcmAdapter:
         if cached is not None and cached.value == token:  # not one a concurrent send renewed
             del self._tokens[account.cache_key]
 
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once (the connection pool's size)."""
+        return self._http.max_in_flight
+
     async def close(self) -> None:
         await self._http.aclose()
 

@@ -2,8 +2,9 @@
 
 The rules (DESIGN.md §4): 2xx is SENT; 4xx other than 429 is FAILED (retrying cannot help);
 429, 5xx, timeouts and connection errors are RETRY, with the provider's ``Retry-After``
-(seconds or an HTTP date) passed on so the worker's backoff honours it. Adapters refine the
-rules with what the provider says in the body (a dead token, an expired credential).
+(seconds or an HTTP date) passed on so the worker's backoff honours it; a RETRY whose request
+may have reached the provider (its answer was lost) says so (``maybe_delivered``). Adapters
+refine the rules with what the provider says in the body (a dead token, an expired credential).
 """
 
 from __future__ import annotations
@@ -111,11 +112,24 @@ def result_for_status(
     )
 
 
+#: Failures that happen before any byte of the request left: the provider never saw the call.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
 def unreachable(adapter: str, error: BaseException) -> ProviderResult:
-    """RETRY for a call that got no answer (timeout, refused or dropped connection)."""
+    """RETRY for a call that got no answer (timeout, refused or dropped connection).
+
+    A failure after the request may have gone out (a read or write timeout, a connection
+    dropped while waiting for the answer) is marked ``maybe_delivered``: the provider may have
+    accepted it, so the worker repeats it only on channels that drop a repeated key.
+    """
     kind = "timeout" if isinstance(error, httpx.TimeoutException) else "unreachable"
     text = str(error) or type(error).__name__
-    return ProviderResult(outcome=Outcome.RETRY, detail=f"{adapter}:{kind}: {text}")
+    return ProviderResult(
+        outcome=Outcome.RETRY,
+        detail=f"{adapter}:{kind}: {text}",
+        maybe_delivered=not isinstance(error, _NOT_SENT),
+    )
 
 
 def not_sent(adapter: str, reason: str) -> ProviderResult:
@@ -187,6 +201,7 @@ class HttpClient:
         max_connections: int = 100,
     ) -> None:
         self._borrowed = client is not None
+        self._max_connections = max_connections
         self._factory: Callable[[], httpx.AsyncClient] = lambda: httpx.AsyncClient(
             http2=http2,
             timeout=httpx.Timeout(timeout),
@@ -197,6 +212,11 @@ class HttpClient:
             trust_env=False,
         )
         self._client = client
+
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once: one per pooled connection (HTTP/1.1)."""
+        return self._max_connections
 
     @property
     def client(self) -> httpx.AsyncClient:

@@ -85,6 +85,14 @@ class _Refused(Exception):
         self.result = result
 
 
+class _AnswerLost(Exception):
+    """The message data went out and the server's answer did not come back."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class SmtpAdapter:
     """Sends email through the app's SMTP server.
 
@@ -152,6 +160,13 @@ class SmtpAdapter:
             await self._transaction(config.server, sender, recipient, payload, utf8=utf8)
         except _Refused as refused:
             return refused.result
+        except _AnswerLost as lost:
+            # The message went out; whether the server queued it is unknown.
+            return ProviderResult(
+                Outcome.RETRY,
+                detail=f"{self.name}:no answer to the message: {lost.error}",
+                maybe_delivered=True,
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
             kind = "timeout" if isinstance(error, TimeoutError) else "unreachable"
             return ProviderResult(Outcome.RETRY, detail=f"{self.name}:{kind}: {error}")
@@ -174,7 +189,15 @@ class SmtpAdapter:
                 client = await self._connect(server)
                 await self._mail(client, sender, payload, utf8=utf8)
             await client.rcpt(recipient, encoding="utf-8" if utf8 else "ascii")
-            await client.data(payload)
+            try:
+                await client.data(payload)
+            except (
+                aiosmtplib.SMTPServerDisconnected,
+                aiosmtplib.SMTPTimeoutError,
+                OSError,
+                TimeoutError,
+            ) as error:
+                raise _AnswerLost(error) from error
         except aiosmtplib.SMTPResponseException as error:
             await _reset_or_close(client)
             self._release(server, client)

@@ -120,6 +120,11 @@ class TelegramAdapter:
             self.name, response, description, token_invalid=response.status_code == 403
         )
 
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once (the connection pool's size)."""
+        return self._http.max_in_flight
+
     async def close(self) -> None:
         await self._http.aclose()
 

@@ -111,6 +111,11 @@ class TwilioSmsAdapter:
             self.name, response, reason, token_invalid=code in DEAD_NUMBER_CODES
         )
 
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once (the connection pool's size)."""
+        return self._http.max_in_flight
+
     async def close(self) -> None:
         await self._http.aclose()
 

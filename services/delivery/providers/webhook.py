@@ -14,7 +14,9 @@ Credentials (``ChannelConfig.credentials`` of CHANNEL_WEBHOOK): ``signing_secret
 endpoints, are refused with FAILED).
 
 Answers: 2xx SENT; 408, 425, 429 and 5xx RETRY (with ``Retry-After``); other 4xx and 3xx
-(redirects are not followed) FAILED; timeouts and connection errors RETRY.
+(redirects are not followed) FAILED; timeouts and connection errors RETRY — after the request
+went out, ``maybe_delivered`` (the worker repeats it with the same ``Idempotency-Key``, which
+the receiver must drop: see docs/delivery.md, "Each message is sent once").
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from services.delivery.http_client import AddressRefused, HttpClient
+from services.delivery.http_client import AddressRefused, AnswerLost, HttpClient
 from services.delivery.providers.base import (
     Channel,
     CredentialsError,
@@ -143,6 +145,18 @@ class WebhookAdapter:
             return ProviderResult(Outcome.FAILED, detail=f"webhook:address refused: {exc}")
         except ValueError as exc:
             return ProviderResult(Outcome.FAILED, detail=f"webhook:bad request: {exc}")
+        except AnswerLost as lost:
+            # The receiver may have acted on it: repeated with the same key, which it drops.
+            what = (
+                f"timeout after {timeout:g}s"
+                if isinstance(lost.__cause__, TimeoutError)
+                else f"connection lost: {lost}"
+            )
+            return ProviderResult(
+                Outcome.RETRY,
+                detail=f"webhook:{what} (the request went out)",
+                maybe_delivered=True,
+            )
         except TimeoutError:
             return ProviderResult(Outcome.RETRY, detail=f"webhook:timeout after {timeout:g}s")
         except (OSError, asyncio.IncompleteReadError) as exc:

@@ -243,6 +243,11 @@ class WebPushAdapter:
         self._jwts[cache_key] = (header, now + _JWT_REUSE)
         return header
 
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once (the connection pool's size)."""
+        return self._http.max_in_flight
+
     async def close(self) -> None:
         await self._http.aclose()
 

@@ -124,6 +124,11 @@ class WhatsAppAdapter:
             )
         return result_for_status(self.name, response, reason)
 
+    @property
+    def max_in_flight(self) -> int:
+        """Calls that can be on the wire at once (the connection pool's size)."""
+        return self._http.max_in_flight
+
     async def close(self) -> None:
         await self._http.aclose()
 

@@ -113,6 +113,8 @@ async def test_a_timeout_is_a_retry() -> None:
     assert not isinstance(result, httpx.Response)
     assert result.outcome is Outcome.RETRY
     assert result.detail.startswith("x:timeout")
+    # The request went out and the answer did not come: the provider may have it.
+    assert result.maybe_delivered
 
 
 async def test_a_refused_connection_is_a_retry() -> None:
@@ -125,6 +127,7 @@ async def test_a_refused_connection_is_a_retry() -> None:
     assert not isinstance(result, httpx.Response)
     assert result.outcome is Outcome.RETRY
     assert result.detail.startswith("x:unreachable")
+    assert not result.maybe_delivered  # nothing went out: an ordinary retry
 
 
 async def test_a_lent_client_is_not_closed() -> None:
