@@ -831,6 +831,12 @@ class Worker:
                 "detail": result.detail,
             }
             attempt = attempts.get((job.app_id, job.message_id), 0) + 1
+            # The provider may have taken the call and would deliver a repeat: at most once.
+            unknown = (
+                result.outcome is Outcome.RETRY
+                and result.maybe_delivered
+                and decision.target.channel not in RESEND_SAFE
+            )
             if result.outcome is Outcome.SENT:
                 finishes.append(
                     Finish(
@@ -848,33 +854,8 @@ class Worker:
                 facts[job.message_id] = self._fact(job, _STATUS_SENT, now, **common)
                 deltas.add(job, sent=1)
             elif (
-                result.outcome is Outcome.RETRY
-                and result.maybe_delivered
-                and decision.target.channel not in RESEND_SAFE
+                result.outcome is Outcome.RETRY and not unknown and attempt < settings.max_attempts
             ):
-                # The provider may have taken it and would deliver a repeat: at most once.
-                finishes.append(
-                    Finish(
-                        job.app_id,
-                        job.message_id,
-                        "sending",
-                        job.dispatch,
-                        "failed",
-                        _STATUS_FAILED,
-                        user.user_id,
-                        channel,
-                    )
-                )
-                facts[job.message_id] = self._fact(
-                    job,
-                    _STATUS_FAILED,
-                    now,
-                    reason="OUTCOME_UNKNOWN",
-                    nth=f"f{attempt}",
-                    **common,
-                )
-                deltas.add(job, failed=1)
-            elif result.outcome is Outcome.RETRY and attempt < settings.max_attempts:
                 delay = policy.backoff_seconds(
                     attempt,
                     base=settings.retry_base_seconds,
@@ -907,8 +888,11 @@ class Worker:
                 )
                 deltas.add(job, deferred=1)
             else:
-                exhausted = result.outcome is Outcome.RETRY
-                reason = "RETRIES_EXHAUSTED" if exhausted else "PROVIDER_REJECTED"
+                exhausted = result.outcome is Outcome.RETRY and not unknown
+                if unknown:
+                    reason = "OUTCOME_UNKNOWN"
+                else:
+                    reason = "RETRIES_EXHAUSTED" if exhausted else "PROVIDER_REJECTED"
                 finishes.append(
                     Finish(
                         job.app_id,
