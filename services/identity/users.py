@@ -59,7 +59,15 @@ from services.identity.fields import (
     validate_new_field,
 )
 from services.identity.refs import ByAlias, ByExternalId, BySubscription, ByUserId, RefKey
-from services.identity.users_store import Alias, Birthdate, JsonScalar, MergeRecord, Profile, User
+from services.identity.users_store import (
+    Alias,
+    Birthdate,
+    JsonScalar,
+    ListedUser,
+    MergeRecord,
+    Profile,
+    User,
+)
 from services.identity.validation import (
     MAX_NAME_LENGTH,
     check_alias,
@@ -1045,12 +1053,14 @@ def _page_size(requested: int) -> int:
 
 
 async def list_users(
-    conn: DBConnection, app_id: str, *, size: int, token: str
-) -> tuple[list[User], str]:
-    """One page of an app's users, oldest first, without subscriptions.
+    conn: DBConnection, app_id: str, *, size: int, token: str, ids_only: bool = False
+) -> tuple[list[User] | list[ListedUser], str]:
+    """One page of an app's users, oldest first: profiles without subscriptions, or with
+    ``ids_only`` only their ids (no profile is loaded).
 
     Returns:
-        The users and the next page's token ("" on the last page).
+        The users and the next page's token ("" on the last page); the token is the same in
+        both views, so a walk may switch views between pages.
 
     Raises:
         InvalidArgument: ``page_size`` negative or ``page_token`` not ours.
@@ -1063,17 +1073,19 @@ async def list_users(
             after = (datetime.fromisoformat(position["t"]), uuid.UUID(position["u"]))
         except (KeyError, ValueError):
             raise bad_page_token() from None
-    ids = await users_store.list_user_ids(conn, app_id, after=after, limit=limit + 1)
-    page = ids[:limit]
-    users = await users_store.load_users(conn, app_id, page, with_subscriptions=False)
-    ordered = [users[user_id] for user_id in page if user_id in users]
+    listed = await users_store.list_user_ids(conn, app_id, after=after, limit=limit + 1)
+    page = listed[:limit]
     next_token = ""
-    if len(ids) > limit and ordered:
-        last = ordered[-1].profile
+    if len(listed) > limit and page:
         next_token = encode_page_token(
-            "users", {"t": last.create_time.isoformat(), "u": str(last.user_id)}
+            "users", {"t": page[-1].create_time.isoformat(), "u": str(page[-1].user_id)}
         )
-    return ordered, next_token
+    if ids_only:
+        return page, next_token
+    users = await users_store.load_users(
+        conn, app_id, [u.user_id for u in page], with_subscriptions=False
+    )
+    return [users[u.user_id] for u in page if u.user_id in users], next_token
 
 
 # -- erasure and export --------------------------------------------------------------------------

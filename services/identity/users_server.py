@@ -10,7 +10,7 @@ import functools
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import grpc.aio
 from google.protobuf import empty_pb2
@@ -31,7 +31,7 @@ from services.identity.users import (
     UpsertRequest,
     UserFields,
 )
-from services.identity.users_store import Alias, JsonScalar, Profile, User
+from services.identity.users_store import Alias, JsonScalar, ListedUser, Profile, User
 from services.runtime.app import ServiceContext
 from services.runtime.errors import DomainError, FieldViolations, NotFound, to_status_proto
 
@@ -51,6 +51,9 @@ _FIELD_TYPE_FROM_PROTO = {value: key for key, value in _FIELD_TYPE_TO_PROTO.item
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+_LIST_VIEWS = frozenset(pb.ListUsersRequest.View.values())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -346,16 +349,34 @@ class UsersRpcs:
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: _Context
     ) -> pb.ListUsersResponse:
-        """A page of users, oldest first (with aliases; subscriptions and counts left out)."""
+        """A page of users, oldest first (with aliases; subscriptions and counts left out), or
+        only their ids."""
         caller = access.server_app()
+        if request.view not in _LIST_VIEWS:
+            violations = FieldViolations()
+            violations.add("view", f"unknown view {request.view}", reason="INVALID_VALUE")
+            violations.raise_if_any()
+        ids_only = request.view == pb.ListUsersRequest.VIEW_IDS
         async with self._ctx.pool.acquire() as conn:
             page, token = await users.list_users(
-                conn, caller.app_id, size=request.page_size, token=request.page_token
+                conn,
+                caller.app_id,
+                size=request.page_size,
+                token=request.page_token,
+                ids_only=ids_only,
             )
-        return pb.ListUsersResponse(
-            users=[user_to_proto(user, with_subscriptions=False) for user in page],
-            next_page_token=token,
-        )
+        response = pb.ListUsersResponse(next_page_token=token)
+        if ids_only:
+            for listed in cast(list[ListedUser], page):
+                message = response.users.add(user_id=str(listed.user_id))
+                if listed.external_id is not None:
+                    message.external_id = listed.external_id
+                message.create_time.FromDatetime(listed.create_time)
+        else:
+            response.users.extend(
+                user_to_proto(user, with_subscriptions=False) for user in cast(list[User], page)
+            )
+        return response
 
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: _Context) -> empty_pb2.Empty:
         """Erase a user (GDPR)."""

@@ -33,6 +33,7 @@ __all__ = [
     "Alias",
     "Birthdate",
     "JsonScalar",
+    "ListedUser",
     "MergeRecord",
     "Profile",
     "RefKind",
@@ -624,14 +625,23 @@ async def load_users(
     return users
 
 
+@dataclass(frozen=True, slots=True)
+class ListedUser:
+    """A user as an ids-only page lists it."""
+
+    user_id: uuid.UUID
+    external_id: str | None
+    create_time: datetime
+
+
 async def list_user_ids(
     conn: DBConnection, app_id: str, *, after: tuple[datetime, uuid.UUID] | None, limit: int
-) -> list[uuid.UUID]:
+) -> list[ListedUser]:
     """One page of an app's users in ``(create_time, user_id)`` order, after ``after``."""
     after_time, after_id = after if after is not None else (None, None)
     rows = await conn.fetch(
         """
-        SELECT user_id FROM users
+        SELECT user_id, external_id, create_time FROM users
         WHERE app_id = $1 AND ($2::timestamptz IS NULL OR (create_time, user_id) > ($2, $3))
         ORDER BY create_time, user_id
         LIMIT $4
@@ -641,7 +651,7 @@ async def list_user_ids(
         after_id,
         limit,
     )
-    return [row["user_id"] for row in rows]
+    return [ListedUser(row["user_id"], row["external_id"], row["create_time"]) for row in rows]
 
 
 # -- aliases -------------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ birthday creates an ``audience_jobs`` row. Loaders (one per replica) claim unfin
 ``FOR UPDATE SKIP LOCKED`` and work through them one page at a time, each page in one
 transaction with the job's progress:
 
-* all contacts: identity's ListUsers pages (1,000 users, the next one asked for while the current
-  one is stored); each page is stored in ``audience_pages`` in the transaction that moves the
-  job's cursor (the page token), so a crash resumes at the page after the last stored one. Page
-  workers of every replica (:data:`PAGE_WORKERS` each) claim stored pages with SKIP LOCKED and
-  enter them, so one activation is entered by several transactions at once; the reader stays at
-  most :data:`PAGES_AHEAD` pages ahead. Memory holds two pages, whatever the audience's size.
+* all contacts: identity's ListUsers pages (1,000 users, ids only, the next one asked for while
+  the current one is stored); each page is stored in ``audience_pages`` in the transaction that
+  moves the job's cursor (the page token), so a crash resumes at the page after the last stored
+  one. Page workers of every replica (:data:`PAGE_WORKERS` each) claim stored pages with SKIP
+  LOCKED and enter them, so one activation is entered by several transactions at once; the
+  reader stays at most :data:`PAGES_AHEAD` pages ahead. Memory holds two pages, whatever the
+  audience's size.
 * segment: identity streams the members (ListSegmentMembers has no cursor); every 1,000 members
   are entered in one transaction. After a crash the stream starts again, and entries already
   made are recognised by their trigger id (``activation:<version>``), so nobody enters twice.
@@ -118,7 +119,9 @@ class AudienceLoader:
         self._runtime = runtime
         self._ctx = ctx
         # The next page, asked of identity while the current one is being entered.
-        self._next: tuple[tuple[str, str], asyncio.Task[tuple[list[user_pb2.User], str]]] | None
+        self._next: (
+            tuple[tuple[str, str, bool], asyncio.Task[tuple[list[user_pb2.User], str]]] | None
+        )
         self._next = None
         # Pages stored (wakes this process's page workers) and entered (wakes its reader, which
         # stops PAGES_AHEAD pages ahead): without them each side sleeps a whole idle wait
@@ -126,22 +129,29 @@ class AudienceLoader:
         self._stored = asyncio.Event()
         self._entered = asyncio.Event()
 
-    async def _page(self, app_id: str, token: str) -> tuple[list[user_pb2.User], str]:
+    async def _page(
+        self, app_id: str, token: str, ids_only: bool
+    ) -> tuple[list[user_pb2.User], str]:
         """One ListUsers page (prefetched when it was asked for already), then the next one
         is asked for in the background. Only one page is ever held ahead: memory stays flat."""
         ahead, self._next = self._next, None
-        if ahead is not None and ahead[0] == (app_id, token):
+        wanted = (app_id, token, ids_only)
+        if ahead is not None and ahead[0] == wanted:
             users, next_token = await ahead[1]
         else:
             if ahead is not None:
                 ahead[1].cancel()
-            users, next_token = await self._runtime.peers.list_users_page(app_id, token, PAGE_SIZE)
+            users, next_token = await self._runtime.peers.list_users_page(
+                app_id, token, PAGE_SIZE, ids_only=ids_only
+            )
         if next_token:
             task = asyncio.create_task(
-                self._runtime.peers.list_users_page(app_id, next_token, PAGE_SIZE)
+                self._runtime.peers.list_users_page(
+                    app_id, next_token, PAGE_SIZE, ids_only=ids_only
+                )
             )
             task.add_done_callback(_seen)
-            self._next = ((app_id, next_token), task)
+            self._next = ((app_id, next_token, ids_only), task)
         return users, next_token
 
     async def run(self, page_workers: int = PAGE_WORKERS) -> None:
@@ -243,7 +253,9 @@ class AudienceLoader:
                     scanned, entered = await self._segment(job, trigger)
                     await self._finish(conn, job, scanned, entered, "", done=True)
                     return True
-                users, next_token = await self._page(app_id, job["page_token"])
+                # All contacts need only who they are; birthdays need the birthdate and zone.
+                ids_only = job["kind"] != "birthday"
+                users, next_token = await self._page(app_id, job["page_token"], ids_only)
             except (PeerUnavailable, PeerRefused) as exc:
                 await self._later(conn, job, now, str(exc))
                 return False

@@ -189,13 +189,15 @@ class Peers:
         await self._call(app_id, self._identity_stub().UpsertUser, request)
 
     async def list_users_page(
-        self, app_id: str, page_token: str, page_size: int = _BATCH
+        self, app_id: str, page_token: str, page_size: int = _BATCH, *, ids_only: bool = False
     ) -> tuple[list[user_pb2.User], str]:
-        """One page of the app's users, oldest first, and the next page's token."""
+        """One page of the app's users, oldest first, and the next page's token; with
+        ``ids_only`` the users carry only their ids (identity loads no profile)."""
+        view = ipb.ListUsersRequest.VIEW_IDS if ids_only else ipb.ListUsersRequest.VIEW_FULL
         response = await self._call(
             app_id,
             self._identity_stub().ListUsers,
-            ipb.ListUsersRequest(page_size=page_size, page_token=page_token),
+            ipb.ListUsersRequest(page_size=page_size, page_token=page_token, view=view),
         )
         return list(response.users), str(response.next_page_token)
 

@@ -737,6 +737,52 @@ async def test_list_users_pages_oldest_first(
     assert negative.fields == ["page_size"]
 
 
+async def test_list_users_ids_view_carries_only_ids_and_pages_like_the_full_view(
+    identity_stub: IdentityServiceStub, app: AppKeys
+) -> None:
+    created = [
+        (
+            await _upsert(identity_stub, app, ext(new_id()), first_name=f"U{i}", email=f"u{i}@x.io")
+        ).user
+        for i in range(5)
+    ]
+    by_alias = user_ref_pb2.UserRef(alias=user_ref_pb2.UserRef.Alias(label="crm", value=new_id()))
+    anonymous = (await _upsert(identity_stub, app, by_alias, country="ES")).user
+    ids = pb.ListUsersRequest.VIEW_IDS
+    listed: list[user_pb2.User] = []
+    token, views = "", 0
+    while True:
+        # Alternate the views: a token of one view continues the walk in the other.
+        view = ids if views % 2 == 0 else pb.ListUsersRequest.VIEW_FULL
+        page = await identity_stub.ListUsers(
+            pb.ListUsersRequest(page_size=2, page_token=token, view=view), metadata=app.server
+        )
+        if view == ids:
+            listed.extend(page.users)
+        views += 1
+        token = page.next_page_token
+        if not token:
+            break
+    walk = await identity_stub.ListUsers(
+        pb.ListUsersRequest(page_size=1000, view=ids), metadata=app.server
+    )
+    expected = {u.user_id: u for u in [*created, anonymous]}
+    assert [u.user_id for u in walk.users] == list(expected)
+    for user in walk.users:
+        full = expected[user.user_id]
+        # Only the ids and the creation time: no attribute, alias or subscription.
+        assert user == user_pb2.User(
+            user_id=full.user_id, external_id=full.external_id, create_time=full.create_time
+        )
+    assert walk.users[-1].external_id == ""
+    # Pages of two: ids, full, ids — the ids pages hold the 1st, 2nd, 5th and 6th user.
+    assert [u.user_id for u in listed] == [walk.users[i].user_id for i in (0, 1, 4, 5)]
+    unknown = await failure(
+        identity_stub.ListUsers(pb.ListUsersRequest(view=7), metadata=app.server)  # type: ignore[arg-type]
+    )
+    assert (unknown.code, unknown.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["view"])
+
+
 async def test_apps_never_see_each_others_users(
     identity_stub: IdentityServiceStub, app: AppKeys, other_app: AppKeys
 ) -> None:
