@@ -72,16 +72,17 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 
 from services.runtime.db import DataPlaneError, DBConnection
 from services.runtime.kafka import (
     HEADER_EVENT_TYPE,
     Headers,
+    KeyPartitioner,
     M,
     Topic,
     TopicSpec,
     create_missing_topics,
+    key_partition,
 )
 
 __all__ = [
@@ -134,8 +135,6 @@ LIMIT $1
 """
 
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
-#: The partitioner ``AIOKafkaProducer.send`` uses by default (murmur2 of the key).
-_PARTITIONER = DefaultPartitioner()
 
 
 class OutboxError(DataPlaneError):
@@ -401,6 +400,7 @@ class OutboxRelay:
                 transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
                 enable_idempotence=True,
                 acks="all",
+                partitioner=KeyPartitioner(),
             )
             # Obtaining the producer id fences every older producer of this transactional id
             # and completes (aborts) a transaction it left open: from here on, nobody else can
@@ -539,7 +539,7 @@ class OutboxRelay:
 
         ``producer.send`` costs tens of microseconds per record (metadata wait, partitioner,
         accumulator); appending to a batch is a C call. Partitions are chosen as ``send`` would
-        (aiokafka's default murmur2 partitioner over the topic's partitions), so every key
+        (:func:`~services.runtime.kafka.key_partition`, Kafka's default), so every key
         keeps its partition, and each partition's records go in the order of their ids.
         """
         partitions: dict[str, list[int]] = {}
@@ -549,7 +549,7 @@ class OutboxRelay:
             if topic not in partitions:
                 partitions[topic] = sorted(await producer.partitions_for(topic))
             key = row["key"].encode()
-            partition = _PARTITIONER(key, partitions[topic], partitions[topic])
+            partition = key_partition(key, partitions[topic])
             record = {
                 "timestamp": None,
                 "key": key,
