@@ -29,7 +29,7 @@ from services.identity.fields import MAX_DESCRIPTION_LENGTH, CustomerField, attr
 from services.identity.segment_conditions import AttributeCondition, leaves
 from services.identity.segment_sql import CUSTOM_PREFIX
 from services.identity.segment_validation import PII_OPERATORS
-from services.identity.validation import text_problem
+from services.identity.validation import check_mask_paths, text_problem
 from services.runtime.app import ServiceContext
 from services.runtime.db import DBConnection
 from services.runtime.errors import FailedPrecondition, FieldViolation, FieldViolations, NotFound
@@ -112,13 +112,7 @@ async def update_customer_field(
         violations.add("field.name", "required", reason="REQUIRED")
     elif (problem := attribute_name_problem(definition.name)) is not None:
         violations.add("field.name", problem, reason="INVALID_FIELD_NAME")
-    for index, path in enumerate(mask):
-        if path not in _UPDATABLE:
-            violations.add(
-                f"update_mask.paths[{index}]",
-                f"{path[:64]!r} cannot be updated (only {', '.join(_UPDATABLE)})",
-                reason="INVALID_MASK",
-            )
+    check_mask_paths(mask, _UPDATABLE, violations)
     paths = set(mask) or set(_UPDATABLE)
     if "description" in paths:
         problem = text_problem(definition.description, max_length=MAX_DESCRIPTION_LENGTH)

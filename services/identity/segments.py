@@ -52,7 +52,7 @@ from services.identity.segments_store import (
     SegmentRecord,
     name_taken,
 )
-from services.identity.validation import text_problem
+from services.identity.validation import check_mask_paths, text_problem
 from services.runtime.db import DBConnection
 from services.runtime.errors import (
     FailedPrecondition,
@@ -349,13 +349,7 @@ async def update_segment(
     violations = FieldViolations()
     if not draft.segment_id:
         violations.add("segment.segment_id", "required", reason="REQUIRED")
-    for index, path in enumerate(mask):
-        if path not in _UPDATABLE:
-            violations.add(
-                f"update_mask.paths[{index}]",
-                f"{path[:64]!r} cannot be updated (only {', '.join(_UPDATABLE)})",
-                reason="INVALID_MASK",
-            )
+    check_mask_paths(mask, _UPDATABLE, violations)
     fields = set(mask) or {
         name
         for name, given in (

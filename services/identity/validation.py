@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import email_validator
 import phonenumbers
@@ -42,6 +42,7 @@ __all__ = [
     "check_email",
     "check_external_id",
     "check_language",
+    "check_mask_paths",
     "check_phone",
     "check_text",
     "check_timezone",
@@ -183,6 +184,19 @@ def check_text(value: str, field: str, violations: FieldViolations, *, max_lengt
     problem = text_problem(value, max_length=max_length)
     if problem is not None:
         violations.add(field, problem, reason="INVALID_TEXT")
+
+
+def check_mask_paths(
+    mask: Sequence[str], updatable: Sequence[str], violations: FieldViolations
+) -> None:
+    """Record a violation for each ``update_mask.paths[i]`` that names no updatable field."""
+    for index, path in enumerate(mask):
+        if path not in updatable:
+            violations.add(
+                f"update_mask.paths[{index}]",
+                f"{path[:64]!r} cannot be updated (only {', '.join(updatable)})",
+                reason="INVALID_MASK",
+            )
 
 
 def external_id_problem(value: str) -> str | None:
