@@ -163,7 +163,12 @@ class IdentityClient:
 
         async def call(stub: Any, metadata: Any) -> Any:
             return await stub.ListUsers(
-                identity_service_pb2.ListUsersRequest(page_size=LIST_PAGE, page_token=page_token),
+                identity_service_pb2.ListUsersRequest(
+                    page_size=LIST_PAGE,
+                    page_token=page_token,
+                    # Ids only: identity loads no profile (a broadcast renders later, per user).
+                    view=identity_service_pb2.ListUsersRequest.VIEW_IDS,
+                ),
                 metadata=metadata,
                 timeout=_TIMEOUT,
             )
