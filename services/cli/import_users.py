@@ -141,6 +141,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quote", default='"')
     parser.add_argument("--encoding", choices=sorted(_ENCODINGS), default="utf-8")
     parser.add_argument("--list-name", default="", help="make a list segment of the import")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and count only: nothing is written"
+    )
     parser.add_argument("--import-id", default="", help="the job's id (default: generated)")
     parser.add_argument("--rejections", type=Path, help="write refused rows to this CSV file")
     parser.add_argument("--chunk-size", type=int, default=CHUNK_BYTES, help=argparse.SUPPRESS)
@@ -206,6 +209,7 @@ def build_options(args: argparse.Namespace, size: int) -> import_pb2.ImportOptio
         encoding=_ENCODINGS[args.encoding],
         list_name=args.list_name,
         size_bytes=size,
+        dry_run=args.dry_run,
     )
 
 
@@ -266,8 +270,9 @@ def _describe(error: grpc.aio.AioRpcError) -> str:
 
 def _outcome(job: _Job) -> str:
     state = _Job.State.Name(job.state).removeprefix("STATE_")
+    preview = " (dry run: nothing was written)" if job.options.dry_run else ""
     lines = [
-        f"import {job.import_id}: {state}",
+        f"import {job.import_id}: {state}{preview}",
         f"  rows {job.rows:,}: created {job.created:,}, updated {job.updated:,}, "
         f"unchanged {job.unchanged:,}, rejected {job.rejected:,}",
     ]

@@ -129,6 +129,7 @@ class ImportSpec:
     encoding: Encoding | None
     list_name: str
     size_bytes: int = 0
+    dry_run: bool = False
 
 
 def new_import_id() -> str:

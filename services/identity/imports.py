@@ -294,9 +294,9 @@ async def _receive_and_merge(
                         "import; nothing was written: upload the file again"
                     )
                 await imports_store.lock_existing_users(conn, plan)
-                counts = await imports_store.merge(conn, plan)
+                counts = await imports_store.merge(conn, plan, dry_run=spec.dry_run)
                 segment_id = ""
-                if spec.list_name:
+                if spec.list_name and not spec.dry_run:
                     segment_id = await _create_list(
                         conn, app_id, spec.list_name, spec.import_id, at
                     )

@@ -113,6 +113,7 @@ def spec_from_proto(options: _Options) -> ImportSpec:
         encoding=_ENCODINGS.get(options.encoding),
         list_name=options.list_name,
         size_bytes=options.size_bytes,
+        dry_run=options.dry_run,
     )
 
 

@@ -919,10 +919,12 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
     return sql, params.values, checks
 
 
-async def merge(conn: DBConnection, plan: MergePlan) -> MergeCounts:
+async def merge(conn: DBConnection, plan: MergePlan, *, dry_run: bool = False) -> MergeCounts:
     """Apply the staged rows: users, aliases, subscriptions, rejections and change facts.
 
-    Call inside a transaction, after :func:`lock_existing_users`.
+    Call inside a transaction, after :func:`lock_existing_users`. With ``dry_run`` the writes
+    run inside a savepoint that is then rolled back: the counts and the stored rejections are
+    the import's, and nothing else remains.
 
     Raises:
         MergeConflict: A concurrent transaction created an external id, alias or subscription
@@ -955,8 +957,28 @@ async def merge(conn: DBConnection, plan: MergePlan) -> MergeCounts:
         """
     )
     assert expected is not None
-    await _insert_users(conn, plan, expected["created"])
-    await _update_users(conn, plan, expected["updated"])
+    if not dry_run:
+        return await _write(conn, plan, expected["created"], expected["updated"])
+    try:
+        # A savepoint: the counts come from the real writes, which are then undone.
+        async with conn.transaction():
+            raise _Previewed(await _write(conn, plan, expected["created"], expected["updated"]))
+    except _Previewed as previewed:
+        return previewed.counts
+
+
+class _Previewed(Exception):
+    """Rolls a dry run's writes back to their savepoint, carrying what they counted."""
+
+    def __init__(self, counts: MergeCounts) -> None:
+        super().__init__("dry run")
+        self.counts = counts
+
+
+async def _write(conn: DBConnection, plan: MergePlan, created: int, updated: int) -> MergeCounts:
+    """The merge's writes (users, subscriptions, facts, segment marks) and its counts."""
+    await _insert_users(conn, plan, created)
+    await _update_users(conn, plan, updated)
     if plan.staging.sealed:
         await reseal_moved_rows(conn, plan)
     await _publish_user_facts(conn, plan)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tidings.identity.v1 import segment_pb2
+from tidings.identity.v1.identity_service_pb2 import ListUsersRequest
 
 from tests.e2e.processes import PYTHON, ROOT, ServiceProcess, ToolResult
 from tests.identity.conftest import TestApp
@@ -201,3 +202,28 @@ async def test_the_cli_exits_2_on_a_refused_request_naming_the_field(
     no_key = await _cli(identity_process, "", str(source), "--id-column", "id")
     assert no_key.returncode == 2
     assert "server key" in no_key.stderr
+
+
+async def test_the_cli_dry_run_prints_the_counts_and_writes_nothing(
+    identity_process: ServiceProcess,
+    identity_stub: IdentityServiceAsyncStub,
+    app: TestApp,
+    tmp_path: Path,
+) -> None:
+    ids = [new_id() for _ in range(3)]
+    source = tmp_path / "preview.csv"
+    source.write_text(
+        "id,first_name\n" + "".join(f"{i},Name {n}\n" for n, i in enumerate(ids)), encoding="utf-8"
+    )
+    args = (str(source), "--id-column", "id", "--column", "first_name=first_name")
+    preview = await _cli(identity_process, app.server_key, *args, "--dry-run")
+    assert preview.returncode == 0, preview.stderr
+    assert "SUCCEEDED (dry run: nothing was written)" in preview.stdout
+    assert "created 3," in preview.stdout
+    listed = await identity_stub.ListUsers(ListUsersRequest(page_size=100), metadata=app.server)
+    assert not {u.external_id for u in listed.users} & set(ids)
+    applied = await _cli(identity_process, app.server_key, *args)
+    assert applied.returncode == 0, applied.stderr
+    assert "dry run" not in applied.stdout
+    assert "created 3," in applied.stdout
+    assert (await user(identity_stub, app, ids[2])).first_name == "Name 2"

@@ -697,6 +697,63 @@ async def test_list_name_makes_a_list_segment_of_every_user_the_import_wrote(
     assert taken.fields == ["options.list_name"]
 
 
+async def test_a_dry_run_counts_and_rejects_like_the_import_and_writes_nothing(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    changed, new, bad = new_id(), new_id(), new_id()
+    await identity_stub.UpsertUser(
+        pb.UpsertUserRequest(ref=ext(changed), user=user_pb2.User(first_name="Bo")),
+        metadata=app.server,
+    )
+    name = f"Preview {new_id()}"
+    columns = (standard("first_name"), attribute("plan", STRING), subscription("mail", EMAIL))
+    rows = [
+        ["id", "first_name", "plan", "mail"],
+        [changed, "Bob", "silver", email()],
+        [new, "Cy", "", email()],
+        [bad, "Di", "", "not-an-email"],  # refused while the file is read
+        [new, "Cy again", "", ""],  # a duplicate id: refused by the merge's plan
+    ]
+    preview = await _ok(
+        identity_stub, app, options(*columns, list_name=name, dry_run=True), csv_bytes(rows)
+    )
+    assert preview.options.dry_run
+    counts = (preview.rows, preview.created, preview.updated, preview.unchanged, preview.rejected)
+    assert counts == (4, 1, 1, 0, 2)
+    assert set(rejections_by_line(preview)) == {4, 5}
+    assert preview.segment_id == ""
+    # Nothing written: no new user, the existing one as it was, no subscription, no list.
+    missing = await failure(
+        identity_stub.GetUser(pb.GetUserRequest(ref=ext(new)), metadata=app.server)
+    )
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+    kept = await user(identity_stub, app, changed)
+    assert (kept.first_name, "plan" in kept.attributes, list(kept.subscriptions)) == (
+        "Bo",
+        False,
+        [],
+    )
+
+    applied = await _ok(identity_stub, app, options(*columns, list_name=name), csv_bytes(rows))
+    assert not applied.options.dry_run
+    assert (
+        applied.rows,
+        applied.created,
+        applied.updated,
+        applied.unchanged,
+        applied.rejected,
+    ) == counts
+    assert rejections_by_line(applied) == rejections_by_line(preview)
+    assert applied.segment_id  # the name the preview did not take
+    now = await user(identity_stub, app, changed)
+    assert (now.first_name, now.attributes["plan"].string_value, len(now.subscriptions)) == (
+        "Bob",
+        "silver",
+        1,
+    )
+    assert (await user(identity_stub, app, new)).first_name == "Cy"
+
+
 # -- bad requests ----------------------------------------------------------------------------------
 
 

@@ -150,7 +150,12 @@ async def test_a_process_killed_mid_upload_leaves_a_failed_job_and_rerunning_lan
                 hold.set()
                 with pytest.raises(grpc.aio.AioRpcError) as broken:
                     await call
-                assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+                # The transport died under the call: gRPC reports UNAVAILABLE, or INTERNAL
+                # ("Failed execute_batch") when the client was sending its next chunk just then.
+                assert broken.value.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.INTERNAL,
+                ), broken.value
         finally:
             await service.kill()
         await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)
