@@ -126,6 +126,7 @@ __all__ = [
     "get_user",
     "get_users",
     "list_customer_fields",
+    "list_user_ids",
     "list_users",
     "prepare_write",
     "remove_alias",
@@ -1053,18 +1054,28 @@ def _page_size(requested: int) -> int:
 
 
 async def list_users(
-    conn: DBConnection, app_id: str, *, size: int, token: str, ids_only: bool = False
-) -> tuple[list[User] | list[ListedUser], str]:
-    """One page of an app's users, oldest first: profiles without subscriptions, or with
-    ``ids_only`` only their ids (no profile is loaded).
+    conn: DBConnection, app_id: str, *, size: int, token: str
+) -> tuple[list[User], str]:
+    """One page of an app's users, oldest first, without subscriptions.
 
     Returns:
-        The users and the next page's token ("" on the last page); the token is the same in
-        both views, so a walk may switch views between pages.
+        The users and the next page's token ("" on the last page).
 
     Raises:
         InvalidArgument: ``page_size`` negative or ``page_token`` not ours.
     """
+    page, next_token = await list_user_ids(conn, app_id, size=size, token=token)
+    users = await users_store.load_users(
+        conn, app_id, [u.user_id for u in page], with_subscriptions=False
+    )
+    return [users[u.user_id] for u in page if u.user_id in users], next_token
+
+
+async def list_user_ids(
+    conn: DBConnection, app_id: str, *, size: int, token: str
+) -> tuple[list[ListedUser], str]:
+    """:func:`list_users` with only each user's ids (no profile is loaded). The page token is
+    the same in both, so a walk may switch between them."""
     limit = _page_size(size)
     after = None
     if token:
@@ -1080,12 +1091,7 @@ async def list_users(
         next_token = encode_page_token(
             "users", {"t": page[-1].create_time.isoformat(), "u": str(page[-1].user_id)}
         )
-    if ids_only:
-        return page, next_token
-    users = await users_store.load_users(
-        conn, app_id, [u.user_id for u in page], with_subscriptions=False
-    )
-    return [users[u.user_id] for u in page if u.user_id in users], next_token
+    return page, next_token
 
 
 # -- erasure and export --------------------------------------------------------------------------

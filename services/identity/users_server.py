@@ -10,7 +10,7 @@ import functools
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import grpc.aio
 from google.protobuf import empty_pb2
@@ -31,7 +31,7 @@ from services.identity.users import (
     UpsertRequest,
     UserFields,
 )
-from services.identity.users_store import Alias, JsonScalar, ListedUser, Profile, User
+from services.identity.users_store import Alias, JsonScalar, Profile, User
 from services.runtime.app import ServiceContext
 from services.runtime.errors import DomainError, FieldViolations, NotFound, to_status_proto
 
@@ -356,26 +356,24 @@ class UsersRpcs:
             violations = FieldViolations()
             violations.add("view", f"unknown view {request.view}", reason="INVALID_VALUE")
             violations.raise_if_any()
-        ids_only = request.view == pb.ListUsersRequest.VIEW_IDS
+        size, token = request.page_size, request.page_token
+        response = pb.ListUsersResponse()
+        if request.view == pb.ListUsersRequest.VIEW_IDS:
+            async with self._ctx.pool.acquire() as conn:
+                listed, response.next_page_token = await users.list_user_ids(
+                    conn, caller.app_id, size=size, token=token
+                )
+            for one in listed:
+                message = response.users.add(user_id=str(one.user_id))
+                if one.external_id is not None:
+                    message.external_id = one.external_id
+                message.create_time.FromDatetime(one.create_time)
+            return response
         async with self._ctx.pool.acquire() as conn:
-            page, token = await users.list_users(
-                conn,
-                caller.app_id,
-                size=request.page_size,
-                token=request.page_token,
-                ids_only=ids_only,
+            page, response.next_page_token = await users.list_users(
+                conn, caller.app_id, size=size, token=token
             )
-        response = pb.ListUsersResponse(next_page_token=token)
-        if ids_only:
-            for listed in cast(list[ListedUser], page):
-                message = response.users.add(user_id=str(listed.user_id))
-                if listed.external_id is not None:
-                    message.external_id = listed.external_id
-                message.create_time.FromDatetime(listed.create_time)
-        else:
-            response.users.extend(
-                user_to_proto(user, with_subscriptions=False) for user in cast(list[User], page)
-            )
+        response.users.extend(user_to_proto(user, with_subscriptions=False) for user in page)
         return response
 
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: _Context) -> empty_pb2.Empty:
