@@ -58,6 +58,20 @@ async def _configure(
     )
 
 
+async def _configure_twilio(harness: DeliveryHarness, endpoint: str) -> None:
+    """SMS through the local Twilio at ``endpoint``."""
+    await _configure(
+        harness,
+        channel_pb2.CHANNEL_SMS,
+        {
+            "account_sid": ACCOUNT_SID,
+            "auth_token": AUTH_TOKEN,
+            "from_number": "+14155550100",
+            "endpoint": endpoint,
+        },
+    )
+
+
 async def _recipients(
     harness: DeliveryHarness, kind: int, addresses: list[str]
 ) -> list[tuple[str, str]]:
@@ -95,16 +109,7 @@ async def test_twilio_status_callbacks(harness: DeliveryHarness) -> None:
     DELIVERED, an unknown handset (30005) a bounce that disables the number; a forged or
     repeated callback changes nothing."""
     async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-        await _configure(
-            harness,
-            channel_pb2.CHANNEL_SMS,
-            {
-                "account_sid": ACCOUNT_SID,
-                "auth_token": AUTH_TOKEN,
-                "from_number": "+14155550100",
-                "endpoint": twilio.url,
-            },
-        )
+        await _configure_twilio(harness, twilio.url)
         numbers = [_phone(), _phone()]
         (reached, _), (dead, dead_subscription) = await _recipients(
             harness, spb.SUBSCRIPTION_TYPE_SMS, numbers

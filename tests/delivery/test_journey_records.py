@@ -4,9 +4,10 @@ the journey's key and ids back."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import uuid
+from typing import TYPE_CHECKING
 
 import httpx
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -23,6 +24,10 @@ from services.runtime.kafka import DELIVERY_REQUESTS, Producer
 from tests.conftest import KAFKA_BOOTSTRAP
 from tests.delivery.sink import Sink
 from tests.delivery.support import TRACKING_SECRET, DeliveryHarness, ReceiptFeed
+from tests.identity.conftest import create_test_app
+
+if TYPE_CHECKING:
+    from tidings.identity.v1.apps_service_pb2_grpc import AppsServiceAsyncStub
 
 
 async def test_a_journey_record_is_sent_once_with_its_context(
@@ -153,34 +158,47 @@ async def test_engagement_receipts_of_a_journey_message_name_the_journey(
 
 
 async def test_a_record_of_an_app_configured_a_moment_ago_is_sent(
-    harness: DeliveryHarness, sink: Sink
+    harness: DeliveryHarness, sink: Sink, apps_stub: AppsServiceAsyncStub
 ) -> None:
     """A worker skips records of apps its deployment does not know (the topic is shared); an app
     that becomes known must have its next record sent, however soon after a skipped one."""
     user = await harness.user()
-    content = template_pb2.MessageContent(
-        webhook=template_pb2.WebhookContent(url=f"{sink.url}/new-app", body="{}")
-    )
+    # Another app, known from the start: its record behind the skipped one, on the same
+    # partition, shows when the worker has passed the skipped one.
+    known = dataclasses.replace(harness, app=await create_test_app(apps_stub))
+    await known.webhook_channel()
+    known_user = await known.user()
 
-    def record(key: str) -> SendRequest:
+    def record(app_id: str, user_id: str, key: str, url: str) -> SendRequest:
+        content = template_pb2.MessageContent(
+            webhook=template_pb2.WebhookContent(url=url, body="{}")
+        )
         spec = message_pb2.MessageSpec(
             options=[message_pb2.SendOption(channel=channel_pb2.CHANNEL_WEBHOOK, content=content)]
         )
         return SendRequest(
             event_id=str(uuid.uuid4()),
-            app_id=harness.app.app_id,
-            user_id=user.user_id,
+            app_id=app_id,
+            user_id=user_id,
             idempotency_key=key,
             spec=spec,
         )
 
-    async with Producer(KAFKA_BOOTSTRAP, client_id="test-new-app") as producer:
+    new_app = f"{sink.url}/new-app"
+    async with Producer(KAFKA_BOOTSTRAP, client_id="test-new-app") as producer, Sink() as marks:
         # Not known yet: skipped (it may be another deployment's app).
-        await producer.send(DELIVERY_REQUESTS, user.user_id, record("before-configuration"))
-        await asyncio.sleep(2.0)
+        before = record(harness.app.app_id, user.user_id, "before-configuration", new_app)
+        await producer.send(DELIVERY_REQUESTS, user.user_id, before)
+        marker = record(known.app.app_id, known_user.user_id, "marker", f"{marks.url}/marker")
+        await producer.send(DELIVERY_REQUESTS, user.user_id, marker)  # same key: same partition
+        await known.wait_status(
+            str(derive_message_id(known.app.app_id, "marker")), message_pb2.MESSAGE_STATUS_SENT
+        )
         await harness.webhook_channel()  # the app is known from now on
         key = "right-after-configuration"
-        await producer.send(DELIVERY_REQUESTS, user.user_id, record(key))
+        await producer.send(
+            DELIVERY_REQUESTS, user.user_id, record(harness.app.app_id, user.user_id, key, new_app)
+        )
         message_id = str(derive_message_id(harness.app.app_id, key))
         message = await harness.wait_status(message_id, message_pb2.MESSAGE_STATUS_SENT)
     assert message.idempotency_key == key

@@ -5,7 +5,9 @@ once. (Webhooks repeat such a call with the same key: tests/delivery/test_worker
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+import asyncpg
 from tidings.delivery.v1 import channel_pb2, message_pb2
 from tidings.identity.v1 import subscription_pb2 as spb
 
@@ -15,7 +17,7 @@ from tests.delivery.support import DeliveryHarness, by_id, inline
 from tests.delivery.test_delivery_reports import (
     ACCOUNT_SID,
     AUTH_TOKEN,
-    _configure,
+    _configure_twilio,
     _phone,
     _recipients,
     _text,
@@ -40,16 +42,7 @@ class _SilentTwilio(FakeTwilio):
 
 async def test_an_sms_whose_answer_is_lost_is_never_sent_again(harness: DeliveryHarness) -> None:
     async with _SilentTwilio() as twilio:
-        await _configure(
-            harness,
-            channel_pb2.CHANNEL_SMS,
-            {
-                "account_sid": ACCOUNT_SID,
-                "auth_token": AUTH_TOKEN,
-                "from_number": "+14155550100",
-                "endpoint": twilio.url,
-            },
-        )
+        await _configure_twilio(harness, twilio.url)
         [(user_id, _)] = await _recipients(harness, spb.SUBSCRIPTION_TYPE_SMS, [_phone()])
         spec = inline(channel_pb2.CHANNEL_SMS, _text("Your code is 1234"))
         [result] = (await harness.send([by_id(user_id)], spec)).results
@@ -58,7 +51,18 @@ async def test_an_sms_whose_answer_is_lost_is_never_sent_again(harness: Delivery
             message = await harness.wait_status(
                 result.message_id, S.MESSAGE_STATUS_FAILED, within=40
             )
-            await asyncio.sleep(3)  # a retry would have been due by now
+            # Nothing is left to send it again: the ledger row is final, with no retry due.
+            conn = await asyncpg.connect(harness.database_url)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT state, due_at FROM messages WHERE app_id = $1 AND message_id = $2",
+                    harness.app.app_id,
+                    uuid.UUID(result.message_id),
+                )
+            finally:
+                await conn.close()
+            assert row is not None
+            assert (row["state"], row["due_at"]) == ("failed", None)
         finally:
             twilio.release.set()
     assert twilio.calls == 1
