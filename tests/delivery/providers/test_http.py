@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib.abc
+import sys
 
 import httpx
 import pytest
@@ -138,3 +140,41 @@ async def test_a_lent_client_is_not_closed() -> None:
 
     assert not client.is_closed
     await client.aclose()
+
+
+class _Ok(FakeHttpServer):
+    async def answer(self, request: Request) -> Reply:
+        return Reply(200)
+
+
+class _MissedImports(importlib.abc.MetaPathFinder):
+    """Last on ``sys.meta_path``: asked only about modules no other finder has, i.e. imports
+    that fail (and, uncached, cost a search of ``sys.path`` every time)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        self.names.append(fullname)
+
+
+async def test_a_call_imports_nothing_that_is_missing() -> None:
+    http = HttpClient(timeout=5)
+    missed = _MissedImports()
+    async with _Ok() as server:
+        try:
+            first = await http.request("x", "POST", f"{server.url}/send", json={})  # warm
+            sys.meta_path.append(missed)
+            try:
+                answers = [
+                    await http.request("x", "POST", f"{server.url}/send", json={"n": n})
+                    for n in range(5)
+                ]
+            finally:
+                sys.meta_path.remove(missed)
+        finally:
+            await http.aclose()
+
+    assert isinstance(first, httpx.Response)
+    assert [a.status_code for a in answers if isinstance(a, httpx.Response)] == [200] * 5
+    assert missed.names == []
