@@ -41,6 +41,7 @@ from bench.identity import ADMIN_KEY, _create_app
 from bench.measure import peak_rss_mb, percentile, reset_peak_rss
 from bench.registry import benchmark
 from services.runtime.kafka import DELIVERY_REQUESTS
+from tests.delivery.sink import Sink
 from tests.e2e.processes import ServiceProcess, start_service
 
 TIMER_RATE = 5_000
@@ -71,6 +72,22 @@ def _delay_first(entry: jpb.Entry) -> jpb.JourneyDefinition:
     return _definition(node, entry)
 
 
+def _webhook_after_delay(url: str) -> jpb.JourneyDefinition:
+    """A delay, then a webhook node calling ``url`` (keyed per customer), then the end."""
+    journey = _delay_first(jpb.Entry(customer_list=jpb.Entry.CustomerList()))
+    journey.nodes[0].next["next"] = "hook"
+    hook = journey.nodes.add(
+        node_id="hook",
+        webhook=jpb.WebhookNode(
+            url=url, body='{"user": "{{ user.user_id }}"}', secret="bench-secret"
+        ),
+    )
+    hook.webhook.headers["Idempotency-Key"] = "{{ user.user_id }}"
+    hook.next["success"] = "end"
+    hook.next["failure"] = "end"
+    return journey
+
+
 async def _journey(
     ctx: Context, dsn: str, identity: ServiceProcess | None, *, wait: bool = True, **env: str
 ) -> ServiceProcess:
@@ -95,9 +112,10 @@ async def _journey(
 
 @contextlib.asynccontextmanager
 async def _identity_with_users(
-    ctx: Context, count: int
+    ctx: Context, count: int, user_ids: list[uuid.UUID] | None = None
 ) -> AsyncIterator[tuple[ServiceProcess, str, str]]:
-    """Identity on a scratch database with an app of ``count`` users (written directly)."""
+    """Identity on a scratch database with an app of ``count`` users (written directly), with
+    ``user_ids`` as their ids when given."""
     async with ctx.scratch_database() as dsn:
         service = await start_service(
             "identity",
@@ -115,12 +133,13 @@ async def _identity_with_users(
                 await conn.execute(
                     """
                     INSERT INTO users (app_id, user_id, create_time, update_time)
-                    SELECT $1, gen_random_uuid(), t, t
-                    FROM (SELECT now() - interval '1 day' + g * interval '1 microsecond' AS t
+                    SELECT $1, COALESCE(($3::uuid[])[g], gen_random_uuid()), t, t
+                    FROM (SELECT g, now() - interval '1 day' + g * interval '1 microsecond' AS t
                           FROM generate_series(1, $2) AS g) AS s
                     """,
                     app_id,
                     count,
+                    user_ids or [],
                 )
                 await conn.execute("VACUUM ANALYZE users")
             finally:
@@ -231,12 +250,21 @@ async def _migrate(ctx: Context, dsn: str) -> None:
 
 
 async def _seed_waiting(
-    dsn: str, count: int, first_due: datetime, rate: float | None
+    dsn: str,
+    count: int,
+    first_due: datetime,
+    rate: float | None,
+    *,
+    app_id: str = "bench-app",
+    journey: jpb.JourneyDefinition | None = None,
+    user_ids: list[uuid.UUID] | None = None,
 ) -> tuple[str, uuid.UUID]:
-    """An active delay journey with ``count`` customers waiting, due from ``first_due`` at
+    """An active journey (a delay first, then the end unless ``journey`` says otherwise) with
+    ``count`` customers (``user_ids`` when given) waiting at the delay, due from ``first_due`` at
     ``rate`` per second (all at once when None). Written straight into the journey database."""
-    app_id, journey_id = "bench-app", uuid.uuid4()
-    definition = _delay_first(jpb.Entry(customer_list=jpb.Entry.CustomerList())).SerializeToString()
+    journey_id = uuid.uuid4()
+    journey = journey or _delay_first(jpb.Entry(customer_list=jpb.Entry.CustomerList()))
+    definition = journey.SerializeToString()
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
@@ -262,13 +290,14 @@ async def _seed_waiting(
         await conn.execute(
             """
             CREATE TABLE bench_due AS
-            SELECT gen_random_uuid() AS user_id,
+            SELECT COALESCE(($4::uuid[])[g], gen_random_uuid()) AS user_id,
                    $1::timestamptz + (g - 1) * make_interval(secs => $2) AS wake_at
             FROM generate_series(1, $3) AS g
             """,
             first_due,
             step,
             count,
+            user_ids or [],
         )
         await conn.execute(
             """
@@ -403,6 +432,45 @@ async def timer_burst_1m_s(ctx: Context) -> Figure:
         limit=count / ctx.value("ceiling.timer_claims_per_s"),
         target=60.0,
     )
+
+
+@benchmark("journey.webhook_calls_per_s")
+async def webhook_calls_per_s(ctx: Context) -> Figure:
+    """Customers whose timers came due stepped through a webhook node: calls/s at the endpoint."""
+    count = ctx.sized(tiny=1_000, full=20_000)
+    user_ids = [uuid.uuid4() for _ in range(count)]
+    async with (
+        Sink(keep=False) as sink,
+        _identity_with_users(ctx, count, user_ids) as (identity, app_id, _key),
+        ctx.scratch_database() as dsn,
+    ):
+        await _migrate(ctx, dsn)
+        # Seeded before the engine starts: every customer is due at the webhook when it comes up.
+        _, journey_id = await _seed_waiting(
+            dsn,
+            count,
+            datetime.now(UTC) - timedelta(minutes=1),
+            None,
+            app_id=app_id,
+            journey=_webhook_after_delay(f"{sink.url}/hook"),
+            user_ids=user_ids,
+        )
+        journey = await _journey(ctx, dsn, identity, wait=False, webhook_allow_private="true")
+        try:
+            await journey.wait_serving(within=60)
+            ready = time.perf_counter()
+            await sink.wait_for(count, within=600)
+            end = time.perf_counter()
+            await _wait_drained(dsn, app_id, journey_id, within=120)
+        finally:
+            await journey.stop()
+    if len(sink.keys) != count or sink.duplicates:
+        raise AssertionError(
+            f"{len(sink.keys)} of {count} customers called, {sink.duplicates} twice"
+        )
+    seconds = end - ready
+    ctx.log(f"  {count:,} webhook calls in {seconds:.2f} s over {sink.connections} connections")
+    return Figure("journey.webhook_calls_per_s", count / seconds, "calls/s")
 
 
 @benchmark("journey.activation_1m_peak_rss_mb")

@@ -63,6 +63,7 @@ from services.journey.split import choose_branch
 from services.journey.webhooks import WebhookCall, call_webhook
 from services.runtime.app import Clock
 from services.runtime.db import DBConnection
+from services.runtime.http_client import HttpClient
 from services.runtime.kafka import DELIVERY_REQUESTS
 from services.runtime.metrics import Metrics
 from services.runtime.outbox import enqueue_many
@@ -77,6 +78,8 @@ RETRY_DELAY = timedelta(seconds=15)
 BIRTHDAY_POLL_SECONDS = 1.0
 DEFAULT_RESULT_TIMEOUT = timedelta(hours=1)
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
+#: Webhook-node calls one engine process has on the wire at once (its connections per endpoint).
+WEBHOOK_CALLS_IN_FLIGHT = 64
 _LIQUID = Environment()
 #: Engagements that satisfy a wait for each kind (a click implies the message was opened).
 ENGAGEMENT_STATUSES = {
@@ -181,15 +184,33 @@ class ProfileLoader:
 _CALLING = frozenset({"branch", "delay", "webhook", "update_profile", "wait_for_event"})
 
 
+def _calls_ahead(nodes: dict[str, jpb.Node]) -> frozenset[str]:
+    """The nodes from which a calling node can be reached (themselves included)."""
+    before: dict[str, list[str]] = {}
+    for node_id, node in nodes.items():
+        for target in node.next.values():
+            before.setdefault(target, []).append(node_id)
+    found = {node_id for node_id, node in nodes.items() if node_kind(node) in _CALLING}
+    todo = list(found)
+    while todo:
+        for earlier in before.get(todo.pop(), ()):
+            if earlier not in found:
+                found.add(earlier)
+                todo.append(earlier)
+    return frozenset(found)
+
+
 @dataclass(frozen=True, slots=True)
 class _Graph:
-    """A journey version as one claim sees it: the journey's state, its nodes by id, and the
-    routes known from its points (``(node, status, pending output)``, kept across claims)."""
+    """A journey version as one claim sees it: the journey's state, its nodes by id, the
+    routes known from its points (``(node, status, pending output)``, kept across claims), and
+    the nodes from which a step may reach a calling node."""
 
     state: str
     nodes: dict[str, jpb.Node]
     routes: dict[tuple[str, str, str], Route | None]
     journey: str
+    calls_ahead: frozenset[str]
 
 
 class _Retry(Exception):
@@ -226,6 +247,17 @@ class Engine:
         self._wake = asyncio.Event()
         self._routes: dict[tuple[str, uuid.UUID, int], dict[tuple[str, str, str], Route | None]]
         self._routes = {}
+        self._calls_ahead: dict[tuple[str, uuid.UUID, int], frozenset[str]] = {}
+        # Shared by the workers: a webhook node calling one endpoint for thousands of
+        # customers reuses its connections instead of opening (and handshaking) one per call.
+        self._webhooks = HttpClient()
+        # A claim steps up to a batch of customers at once: without a bound, a thousand of them
+        # at one webhook node would open a thousand connections to the app's endpoint.
+        self._webhook_slots = asyncio.Semaphore(WEBHOOK_CALLS_IN_FLIGHT)
+
+    def close(self) -> None:
+        """Close the webhook client's idle connections (at shutdown)."""
+        self._webhooks.close()
 
     def nudge(self) -> None:
         """New work is due now: wake idle workers of this process."""
@@ -349,16 +381,23 @@ class Engine:
                 definition = await self._catalog.definition(*key)
                 if key not in self._routes and len(self._routes) >= _MAX_ROUTES:
                     self._routes.clear()
+                    self._calls_ahead.clear()
+                nodes = {node.node_id: node for node in definition.nodes}
+                calls_ahead = self._calls_ahead.get(key)
+                if calls_ahead is None:
+                    calls_ahead = self._calls_ahead[key] = _calls_ahead(nodes)
                 graphs[key] = _Graph(
                     states.get((inst.app_id, inst.journey_id), "gone"),
-                    {node.node_id: node for node in definition.nodes},
+                    nodes,
                     self._routes.setdefault(key, {}),
                     str(inst.journey_id),
+                    calls_ahead,
                 )
         # Customers on a route (the bulk of a burst or an activation) are moved together by
-        # the caller. Of the others, those whose next node calls another service are stepped
-        # concurrently (their profile reads share one BatchGetUsers), the rest one after the
-        # other without a task each.
+        # the caller. Of the others, those who may reach a node that calls another service
+        # (a timer firing into a webhook, say) are stepped concurrently: their profile reads
+        # share one BatchGetUsers and their calls overlap. The rest go one after the other
+        # without a task each.
         advanced: list[Instance] = []
         calling: list[Instance] = []
         routed = effects.routed
@@ -372,8 +411,7 @@ class Engine:
                     group = routed[(inst.app_id, inst.journey_id, route)] = []
                 group.append(inst)
                 continue
-            node = graph.nodes.get(inst.node_id)
-            if inst.status == "active" and node is not None and node_kind(node) in _CALLING:
+            if inst.node_id in graph.calls_ahead:
                 calling.append(inst)
             else:
                 advanced.append(await self._advance(inst, graph, effects, loader, now))
@@ -691,7 +729,10 @@ class Engine:
         except LiquidError as exc:
             log.warning("webhook %s of journey %s: %s", inst.node_id, inst.journey_id, exc)
             return "failure"
-        result = await call_webhook(call, allow_private=self._settings.webhook_allow_private)
+        async with self._webhook_slots:
+            result = await call_webhook(
+                self._webhooks, call, allow_private=self._settings.webhook_allow_private
+            )
         if not result.success:
             log.info(
                 "webhook %s of journey %s failed: %s %s",

@@ -106,7 +106,12 @@ class JourneyRuntime:
 
 async def _engine_workers(runtime: JourneyRuntime, ctx: ServiceContext) -> None:
     engine = runtime.ready().engine
-    await asyncio.gather(*(engine.run() for _ in range(max(1, runtime.settings.engine_workers))))
+    try:
+        await asyncio.gather(
+            *(engine.run() for _ in range(max(1, runtime.settings.engine_workers)))
+        )
+    finally:
+        engine.close()
 
 
 async def _key_rotation(runtime: JourneyRuntime, ctx: ServiceContext) -> None:

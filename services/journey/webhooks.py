@@ -3,8 +3,9 @@
 The guard refuses URLs that could reach the platform's own network: schemes other than http(s),
 credentials in the URL, and hosts that are, or resolve to, loopback, private, link-local,
 multicast, reserved or unspecified addresses (IPv4 and IPv6, IPv4-mapped included). The call
-connects to the address that was checked (no second DNS lookup a rebinding attacker could
-answer differently), sending the original host name in ``Host`` and for TLS (SNI).
+goes through the runtime's webhook client (one per engine process, connections kept alive), which
+connects to the address it checked (no second DNS lookup a rebinding attacker could answer
+differently), sending the original host name in ``Host`` and for TLS (SNI).
 
 The signature is ``X-Tidings-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
 "<t>.<body>")>``: the receiver recomputes it over the raw body and refuses stale timestamps.
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import httpx
-
+from services.runtime.http_client import AddressRefused, HttpClient
 from services.runtime.webhooks import (
     SIGNATURE_HEADER,
     AddressPolicy,
@@ -39,13 +38,12 @@ __all__ = [
     "WebhookResult",
     "call_webhook",
     "check_literal_url",
-    "resolve_allowed",
 ]
 
 IDEMPOTENCY_HEADER = "X-Tidings-Idempotency-Key"
 _ALLOWED_SCHEMES = ("http", "https")
-#: Most response body read (the body is not used, only the status).
-_MAX_RESPONSE_BYTES = 64 * 1024
+#: What a journey allowed to reach private networks may call (every non-public class).
+_ANY_ADDRESS = AddressPolicy(allow_loopback=True, allow_private=True, allow_link_local=True)
 
 
 class WebhookRefused(Exception):
@@ -93,29 +91,6 @@ def check_literal_url(url: str, *, allow_private: bool) -> None:
         raise WebhookRefused(f"address {host} is not public")
 
 
-async def resolve_allowed(url: str, *, allow_private: bool) -> tuple[str, str, str]:
-    """The scheme, host and one allowed address of ``url``'s host.
-
-    Raises:
-        WebhookRefused: Refused URL, or a host resolving to any refused address.
-    """
-    scheme, host, port = _split(url)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise WebhookRefused(f"host {host!r} does not resolve: {exc}") from None
-    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-    if not addresses:
-        raise WebhookRefused(f"host {host!r} does not resolve")
-    if not allow_private:
-        # Every address must be public: a name answering one public and one private address
-        # could be connected to the private one.
-        refused = [str(a) for a in addresses if _address_refused(a)]
-        if refused or host == "localhost":
-            raise WebhookRefused(f"host {host!r} resolves to a non-public address")
-    return scheme, host, str(addresses[0])
-
-
 @dataclass(frozen=True)
 class WebhookCall:
     """A rendered webhook call."""
@@ -138,39 +113,33 @@ class WebhookResult:
     detail: str
 
 
-async def call_webhook(call: WebhookCall, *, allow_private: bool) -> WebhookResult:
+async def call_webhook(
+    client: HttpClient, call: WebhookCall, *, allow_private: bool
+) -> WebhookResult:
     """Make the call through the SSRF guard; never raises for network or HTTP failures."""
     try:
-        scheme, host, address = await resolve_allowed(call.url, allow_private=allow_private)
+        _split(call.url)
     except WebhookRefused as exc:
         return WebhookResult(False, 0, f"refused: {exc}")
-    parts = urlsplit(call.url)
-    netloc_host = f"[{address}]" if ":" in address else address
-    netloc = f"{netloc_host}:{parts.port}" if parts.port else netloc_host
-    pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
     body = call.body.encode()
-    headers = {**call.headers, "Host": parts.netloc, "User-Agent": "tidings-journey/1"}
+    headers = {**call.headers, "User-Agent": "tidings-journey/1"}
     if call.idempotency_key:
         headers[IDEMPOTENCY_HEADER] = call.idempotency_key
     if call.secret:
         headers[SIGNATURE_HEADER] = sign(call.secret, int(time.time()), body)
     if body and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
-    extensions = {"sni_hostname": host} if scheme == "https" else {}
     try:
-        async with httpx.AsyncClient(timeout=call.timeout, follow_redirects=False) as client:
-            request = client.build_request(
-                call.method, pinned, content=body, headers=headers, extensions=extensions
-            )
-            response = await client.send(request, stream=True)
-            try:
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read > _MAX_RESPONSE_BYTES:
-                        break
-            finally:
-                await response.aclose()
-    except (httpx.HTTPError, OSError) as exc:
+        response = await client.request(
+            call.method,
+            call.url,
+            headers=headers,
+            body=body,
+            policy=_ANY_ADDRESS if allow_private else AddressPolicy(),
+            timeout=call.timeout,
+        )
+    except AddressRefused as exc:
+        return WebhookResult(False, 0, f"refused: {exc}")
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
         return WebhookResult(False, 0, f"{type(exc).__name__}: {exc}"[:300])
-    return WebhookResult(200 <= response.status_code < 300, response.status_code, "")
+    return WebhookResult(200 <= response.status < 300, response.status, "")

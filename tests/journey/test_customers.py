@@ -17,8 +17,9 @@ from services.journey.webhooks import (
     WebhookCall,
     WebhookRefused,
     call_webhook,
-    resolve_allowed,
+    check_literal_url,
 )
+from services.runtime.http_client import HttpClient
 from tests.identity.conftest import TestApp
 from tests.identity.support import ext, failure, new_id
 from tests.journey.support import SendFeed, create_active, definition, exit_node, send
@@ -164,7 +165,9 @@ async def test_statistics_count_only_the_time_range(
 )
 async def test_the_ssrf_guard_refuses_local_and_private_targets(url: str) -> None:
     with pytest.raises(WebhookRefused):
-        await resolve_allowed(url, allow_private=False)
-    result = await call_webhook(WebhookCall("POST", url, "{}"), allow_private=False)
+        check_literal_url(url, allow_private=False)
+    client = HttpClient()
+    result = await call_webhook(client, WebhookCall("POST", url, "{}"), allow_private=False)
+    client.close()
     assert not result.success
     assert result.detail.startswith("refused")

@@ -101,27 +101,42 @@ async def _count(feed: SendFeed, jid: str, count: int) -> bool:
 
 
 class HookServer:
-    """A local HTTP endpoint that records requests; ``/fail`` answers 500."""
+    """A local HTTP endpoint that records requests; ``/fail`` answers 500.
 
-    def __init__(self) -> None:
+    Args:
+        keep_alive: Serve further requests on a connection (HTTP/1.1 keep-alive) rather than
+            close it after one answer.
+    """
+
+    def __init__(self, *, keep_alive: bool = False) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.connections = 0
         self.port = 0
+        self._keep_alive = keep_alive
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        target = lines[0].split(" ")[1]
-        headers = {
-            k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
-        }
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-        self.requests.append((target, headers, body))
-        status = "500 Oops" if target.startswith("/fail") else "200 OK"
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
-        )
-        await writer.drain()
-        writer.close()
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                target = lines[0].split(" ")[1]
+                headers = {
+                    k.lower(): v.strip()
+                    for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                self.requests.append((target, headers, body))
+                status = "500 Oops" if target.startswith("/fail") else "200 OK"
+                close = "" if self._keep_alive else "Connection: close\r\n"
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n{close}\r\n".encode())
+                await writer.drain()
+                if not self._keep_alive:
+                    return
+        except asyncio.IncompleteReadError:
+            return  # the client closed the connection
+        finally:
+            writer.close()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[HookServer]:
@@ -172,6 +187,36 @@ async def test_webhook_is_templated_signed_and_branches_on_the_answer(
     expected = hmac.new(b"s3cret", f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
     assert mac == expected
     assert headers["x-tidings-idempotency-key"].startswith(f"{journey.journey_id}/{user_id}/")
+
+
+async def test_webhook_calls_reuse_the_engine_s_connections(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    (user_id,) = await make_users(users, app, 1)
+    async with HookServer(keep_alive=True).running() as hooks:
+        base = f"http://127.0.0.1:{hooks.port}"
+        d = definition(
+            node(
+                "first",
+                webhook=jpb.WebhookNode(url=base + "/one", headers={"Host": "evil.example"}),
+                next={"success": "second", "failure": "end"},
+            ),
+            node(
+                "second",
+                webhook=jpb.WebhookNode(url=base + "/two"),
+                next={"success": "done", "failure": "end"},
+            ),
+            send("done", next="end"),
+            exit_node("end"),
+        )
+        journey = await create_active(journeys, app.server, d)
+        await add(journeys, app, journey.journey_id, [user_id])
+        await feed.wait_for(1, journey.journey_id, "done")
+    assert [target for target, _, _ in hooks.requests] == ["/one", "/two"]
+    # The second call went over the first one's connection (one client per engine process).
+    assert hooks.connections == 1
+    # The client writes Host itself: a template's Host header does not reach the endpoint.
+    assert hooks.requests[0][1]["host"] == f"127.0.0.1:{hooks.port}"
 
 
 async def test_date_attribute_delay_in_the_past_does_not_wait(

@@ -27,7 +27,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from services.delivery.http_client import AddressRefused, AnswerLost, HttpClient
 from services.delivery.providers.base import (
     Channel,
     CredentialsError,
@@ -36,6 +35,7 @@ from services.delivery.providers.base import (
     ProviderResult,
     WebhookContent,
 )
+from services.runtime.http_client import AddressRefused, AnswerLost, HttpClient
 from services.runtime.webhooks import SIGNATURE_HEADER, AddressPolicy, sign
 
 __all__ = ["WebhookAdapter"]

@@ -1,8 +1,10 @@
 """A small HTTP/1.1 client for webhooks: keep-alive pooling, an SSRF guard, bounded reads.
 
-Why not a general client: a webhook URL comes from the app (a template, maybe personalised), so
-every call must resolve the host *itself*, refuse private, loopback, link-local and metadata
-addresses unless the app's channel allows them, and connect to the very address it checked
+Delivery's webhook channel and journey's webhook nodes both call through it, one client per
+process. Why not a general client: a webhook URL comes from the app (a template, maybe
+personalised), so every call must resolve the host *itself*, refuse private, loopback,
+link-local and metadata addresses unless the caller's policy allows them, and connect to the
+very address it checked
 (a second resolution could be answered differently: DNS rebinding). Connections are kept alive
 per (scheme, address, port, host), so a broadcast to one endpoint reuses a few sockets instead
 of opening one per message. Answers are read up to 64 KiB (a misbehaving endpoint cannot fill
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 _MAX_HEAD = 32 * 1024
+_FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 _MAX_BODY = 64 * 1024
 _MAX_IDLE_PER_KEY = 512
 _MAX_CACHED = 1024
@@ -256,6 +259,10 @@ def _write_request(
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} contains a line break")
+        # The client frames the request itself: a second Host or length from an app's template
+        # would let the receiver (or a proxy before it) read a different request than we sent.
+        if name.strip().lower() in _FRAMING_HEADERS:
+            continue
         lines.append(f"{name}: {value}")
     lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.delivery.http_client import AddressPolicy, AnswerLost, HttpClient
+from services.runtime.http_client import AddressPolicy, AnswerLost, HttpClient
 
 LOOPBACK = AddressPolicy(allow_loopback=True)
 
