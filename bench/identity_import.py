@@ -140,7 +140,7 @@ async def csv_import(ctx: Context) -> list[Figure]:
     count = _rows(ctx)
     async with (
         _file(ctx) as path,
-        _identity_on_scratch_db(ctx) as (service, _dsn),
+        _identity_on_scratch_db(ctx) as ([service], _dsn),
         grpc.aio.insecure_channel(service.grpc_target) as channel,
     ):
         _app_id, server_key = await _create_app(channel)
