@@ -47,7 +47,8 @@ from tidings.delivery.v1 import (
 from tidings.events.v1.send_request_pb2 import SendRequest
 from tidings.identity.v1.user_ref_pb2 import UserRef
 
-from bench.ceiling.kafka import _producer, _read_line, _start_consumer, _stop, _warm_up
+from bench.ceiling.child import read_line, stop_child
+from bench.ceiling.kafka import _producer, _start_consumer, _warm_up
 from bench.config import Size
 from bench.context import Context
 from bench.figure import Figure
@@ -118,12 +119,12 @@ async def _kafka_ceiling(ctx: Context, count: int, size: int) -> float:
                 ]
                 await asyncio.gather(*acks)
                 async with asyncio.timeout(DONE_TIMEOUT_S):
-                    kind, _, stamp = (await _read_line(consumer)).partition(" ")
+                    kind, _, stamp = (await read_line(consumer)).partition(" ")
                 if kind != "done":
                     raise RuntimeError(f"unexpected line from the consumer: {kind!r}")
                 return count / (float(stamp) - first_send)
             finally:
-                await _stop(consumer)
+                await stop_child(consumer)
         finally:
             await producer.stop()
 

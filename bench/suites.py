@@ -12,6 +12,7 @@ SUITES: tuple[str, ...] = (
     "bench.ceiling.postgres",
     "bench.ceiling.timers",
     "bench.ceiling.kafka",
+    "bench.ceiling.grpc",
     "bench.identity",
     "bench.delivery",
     "bench.journey",

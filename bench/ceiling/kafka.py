@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
-from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from bench.ceiling.child import read_line, start_child, stop_child
 from bench.context import Context
 from bench.figure import Figure
 from bench.registry import benchmark
@@ -25,8 +23,6 @@ PARTITIONS = 12
 KEYS = 10_000
 READY_TIMEOUT_S = 60.0
 DONE_TIMEOUT_S = 300.0
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _producer(bootstrap: str) -> AIOKafkaProducer:
@@ -65,39 +61,18 @@ async def _warm_up(producer: AIOKafkaProducer, topic: str) -> set[int]:
 async def _start_consumer(
     ctx: Context, topic: str, partitions: int, count: int
 ) -> asyncio.subprocess.Process:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    child = await start_child(
         "bench.ceiling.kafka_consumer",
         ctx.stack.kafka_bootstrap,
         topic,
         str(partitions),
         str(count),
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
     )
     async with asyncio.timeout(READY_TIMEOUT_S):
-        line = await _read_line(child)
+        line = await read_line(child)
     if line != "ready":
         raise RuntimeError(f"consumer did not get ready: {line!r}")
     return child
-
-
-async def _read_line(child: asyncio.subprocess.Process) -> str:
-    assert child.stdout is not None
-    line = (await child.stdout.readline()).decode().strip()
-    if not line:
-        await child.wait()
-        raise RuntimeError(f"consumer exited with status {child.returncode}")
-    return line
-
-
-async def _stop(child: asyncio.subprocess.Process) -> None:
-    if child.returncode is None:
-        child.kill()
-    await child.wait()
 
 
 @benchmark("ceiling.kafka_msgs_per_s")
@@ -124,13 +99,13 @@ async def kafka_msgs_per_s(ctx: Context) -> list[Figure]:
                 await asyncio.gather(*acks)
                 produced = loop.time() - first_send
                 async with asyncio.timeout(DONE_TIMEOUT_S):
-                    kind, _, stamp = (await _read_line(consumer)).partition(" ")
+                    kind, _, stamp = (await read_line(consumer)).partition(" ")
                 if kind != "done":
                     raise RuntimeError(f"unexpected line from the consumer: {kind!r}")
                 # The loop clock is time.monotonic(), the clock the child stamps with.
                 end_to_end = float(stamp) - first_send
             finally:
-                await _stop(consumer)
+                await stop_child(consumer)
         finally:
             await producer.stop()
     ctx.log(f"  {count:,} messages: produced in {produced:.2f} s, consumed by {end_to_end:.2f} s")

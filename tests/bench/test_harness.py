@@ -24,6 +24,8 @@ CEILINGS = {
     "ceiling.pg_upsert_rows_per_s",
     "ceiling.kafka_msgs_per_s",
     "ceiling.timer_claims_per_s",
+    "ceiling.pg_copy_events_indexed_per_s",
+    "ceiling.grpc_unary_calls_per_s",
 }
 
 
