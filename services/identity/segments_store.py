@@ -24,7 +24,7 @@ from tidings.events.v1.identity_change_pb2 import IdentityChange
 
 from services.identity.segment_sql import Compiled, Scope, SqlParams
 from services.identity.validation import text_problem
-from services.runtime.db import DBConnection
+from services.runtime.db import DBConnection, fetch_scalar
 from services.runtime.errors import AlreadyExists, FieldViolation, InvalidArgument
 from services.runtime.kafka import IDENTITY_CHANGES
 
@@ -770,7 +770,8 @@ async def mark_changed(conn: DBConnection, segment: SegmentRecord, compiled: Com
 async def count_matching(conn: DBConnection, compiled: Compiled) -> int:
     """How many of the app's users match ``compiled`` (ALL scope) now."""
     sql = f"SELECT count(*) FROM users u WHERE u.app_id = $1 AND {compiled.sql} AND {_NOW_TYPED}"
-    return int(await conn.fetchval(sql, *compiled.params.values))
+    # Read whole, not as one row: a count over a million users gets its parallel workers.
+    return int(await fetch_scalar(conn, sql, *compiled.params.values))
 
 
 async def explain_row(

@@ -17,18 +17,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["DBConnection", "DataPlaneError", "create_pool", "database_reachable"]
+__all__ = ["DBConnection", "DataPlaneError", "create_pool", "database_reachable", "fetch_scalar"]
 
 log = logging.getLogger(__name__)
 
 #: Either kind of connection asyncpg hands out: a plain one, or a pool's proxy
 #: (``async with pool.acquire() as conn``). Store functions take this.
 DBConnection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+
+
+async def fetch_scalar(conn: DBConnection, query: str, *args: object) -> Any:
+    """The first column of the first row, read the way PostgreSQL may run in parallel.
+
+    asyncpg's ``fetchval`` and ``fetchrow`` ask for one row (an Execute message with a row
+    limit), and PostgreSQL never starts parallel workers for such a portal: a plan with a
+    Gather then runs on the leader alone. A count or an aggregate over many rows (a segment's
+    size) reads its one row with this instead.
+    """
+    rows = await conn.fetch(query, *args)
+    return rows[0][0] if rows else None
 
 
 class DataPlaneError(Exception):
