@@ -107,8 +107,8 @@ def idempotency_key(inst: Instance) -> str:
     return f"{inst.journey_id}/{inst.user_id}/{inst.visit}/{inst.node_id}/{inst.seq}"
 
 
-#: Journey versions whose routes are kept (forgotten all at once beyond it).
-_MAX_ROUTES = 10_000
+#: Journey versions whose derived parts are kept (forgotten all at once beyond it).
+_MAX_VERSIONS = 10_000
 
 
 def _duration(value: Any) -> timedelta:
@@ -201,6 +201,22 @@ def _calls_ahead(nodes: dict[str, jpb.Node]) -> frozenset[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Version:
+    """What the engine derives from a journey version's definition (a version never changes):
+    its nodes by id, the routes met so far from its points, the nodes that may reach a calling
+    node."""
+
+    nodes: dict[str, jpb.Node]
+    routes: dict[tuple[str, str, str], Route | None]
+    calls_ahead: frozenset[str]
+
+    @classmethod
+    def of(cls, definition: jpb.JourneyDefinition) -> _Version:
+        nodes = {node.node_id: node for node in definition.nodes}
+        return cls(nodes, {}, _calls_ahead(nodes))
+
+
+@dataclass(frozen=True, slots=True)
 class _Graph:
     """A journey version as one claim sees it: the journey's state, its nodes by id, the
     routes known from its points (``(node, status, pending output)``, kept across claims), and
@@ -245,9 +261,7 @@ class Engine:
         self._clock = clock
         self._steps, self._lag, self._sends = _metrics(metrics)
         self._wake = asyncio.Event()
-        self._routes: dict[tuple[str, uuid.UUID, int], dict[tuple[str, str, str], Route | None]]
-        self._routes = {}
-        self._calls_ahead: dict[tuple[str, uuid.UUID, int], frozenset[str]] = {}
+        self._versions: dict[tuple[str, uuid.UUID, int], _Version] = {}
         # Shared by the workers: a webhook node calling one endpoint for thousands of
         # customers reuses its connections instead of opening (and handshaking) one per call.
         self._webhooks = HttpClient()
@@ -378,20 +392,19 @@ class Engine:
         for inst in instances:
             key = (inst.app_id, inst.journey_id, inst.version)
             if key not in graphs:
-                definition = await self._catalog.definition(*key)
-                if key not in self._routes and len(self._routes) >= _MAX_ROUTES:
-                    self._routes.clear()
-                    self._calls_ahead.clear()
-                nodes = {node.node_id: node for node in definition.nodes}
-                calls_ahead = self._calls_ahead.get(key)
-                if calls_ahead is None:
-                    calls_ahead = self._calls_ahead[key] = _calls_ahead(nodes)
+                version = self._versions.get(key)
+                if version is None:
+                    if len(self._versions) >= _MAX_VERSIONS:
+                        self._versions.clear()
+                    version = _Version.of(await self._catalog.definition(*key))
+                    if version.nodes:  # a version that is gone is not remembered as empty
+                        self._versions[key] = version
                 graphs[key] = _Graph(
                     states.get((inst.app_id, inst.journey_id), "gone"),
-                    nodes,
-                    self._routes.setdefault(key, {}),
+                    version.nodes,
+                    version.routes,
                     str(inst.journey_id),
-                    calls_ahead,
+                    version.calls_ahead,
                 )
         # Customers on a route (the bulk of a burst or an activation) are moved together by
         # the caller. Of the others, those who may reach a node that calls another service

@@ -27,7 +27,6 @@ from services.runtime.http_client import AddressRefused, HttpClient
 from services.runtime.webhooks import (
     SIGNATURE_HEADER,
     AddressPolicy,
-    IPAddress,
     address_refusal,
     sign,
 )
@@ -48,10 +47,6 @@ _ANY_ADDRESS = AddressPolicy(allow_loopback=True, allow_private=True, allow_link
 
 class WebhookRefused(Exception):
     """The URL may not be called (the SSRF guard)."""
-
-
-def _address_refused(address: IPAddress) -> bool:
-    return address_refusal(address, AddressPolicy()) is not None
 
 
 def _split(url: str) -> tuple[str, str, int]:
@@ -87,7 +82,7 @@ def check_literal_url(url: str, *, allow_private: bool) -> None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return  # a name: checked when called, against what it resolves to
-    if _address_refused(address):
+    if address_refusal(address, AddressPolicy()) is not None:
         raise WebhookRefused(f"address {host} is not public")
 
 
