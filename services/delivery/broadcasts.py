@@ -42,6 +42,7 @@ from services.delivery.sends import check_templates
 from services.delivery.validation import MAX_NAME_LENGTH, check_ref, check_spec, parse_uuid
 from services.runtime import paging
 from services.runtime.app import ServiceContext
+from services.runtime.db import hold_session_state
 from services.runtime.errors import (
     FieldViolations,
     InvalidArgument,
@@ -415,6 +416,7 @@ class FanOut:
     async def _locked(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
         lock = int(row["broadcast_id"].int & 0x7FFF_FFFF)
         async with self.ctx.pool.acquire() as conn:
+            hold_session_state(conn)
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_SPACE, lock):
                 return  # another replica has it
             try:

@@ -4,6 +4,13 @@ Every service talks to its own database through one :class:`asyncpg.Pool` made b
 :func:`create_pool`. The pool decodes ``json``/``jsonb`` columns to Python values and encodes
 Python values to them, so store modules pass dicts and lists, never JSON strings.
 
+A connection goes back to the pool without a round trip: asyncpg's default reset sends
+``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release, which cost as
+much as the query of a simple RPC. Our pooled connections keep no session state (settings are
+``SET LOCAL``, cursors live in transactions, an open transaction is still rolled back), except
+where code takes a session advisory lock or LISTENs on one: it calls
+:func:`hold_session_state`, and that connection gets the full reset when it is released.
+
 Sharp edges:
     * A ``jsonb`` parameter is encoded with :func:`json.dumps`; passing an already-encoded JSON
       string stores a JSON *string*, not an object.
@@ -22,7 +29,14 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["DBConnection", "DataPlaneError", "create_pool", "database_reachable", "fetch_scalar"]
+__all__ = [
+    "DBConnection",
+    "DataPlaneError",
+    "create_pool",
+    "database_reachable",
+    "fetch_scalar",
+    "hold_session_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,28 @@ class DataPlaneError(Exception):
     These are infrastructure failures, not domain errors: they are never mapped to a gRPC status
     for a caller, they are logged and make the process (or the background task) fail.
     """
+
+
+#: Server process ids of pooled connections that hold session state (see the module docstring).
+#: Keyed by pid because the pool's reset sees the connection, callers its proxy; a pid reused by
+#: a later backend would only cost that connection one full reset.
+_HOLDING_SESSION_STATE: set[int] = set()
+
+
+def hold_session_state(conn: DBConnection) -> None:
+    """Mark a pooled connection that took session state (a session advisory lock, LISTEN):
+    the pool resets it in full (``pg_advisory_unlock_all``, ``UNLISTEN *``, ...) on release,
+    however the holder lets go of it. Call it before taking the state."""
+    _HOLDING_SESSION_STATE.add(conn.get_server_pid())
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    # asyncpg has already rolled back an open transaction and dropped the listeners' callbacks.
+    pid = conn.get_server_pid()
+    if pid in _HOLDING_SESSION_STATE:
+        _HOLDING_SESSION_STATE.discard(pid)
+        # If this fails, asyncpg terminates the connection and the state ends with the session.
+        await conn.execute(conn.get_reset_query())
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -83,6 +119,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_reset_connection,
     )
     # create_pool's return type is Optional in the stubs; it only returns None when not awaited.
     assert pool is not None

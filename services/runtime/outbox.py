@@ -73,7 +73,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from services.runtime.db import DataPlaneError, DBConnection
+from services.runtime.db import DataPlaneError, DBConnection, hold_session_state
 from services.runtime.kafka import (
     HEADER_EVENT_TYPE,
     Headers,
@@ -341,6 +341,7 @@ class OutboxRelay:
         """A pool connection holding the relay lock, or ``None`` when stopping."""
         while not self._stopping.is_set():
             conn = await self._pool.acquire()
+            hold_session_state(conn)
             try:
                 locked = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY)
             except BaseException:
@@ -360,8 +361,9 @@ class OutboxRelay:
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("could not release the outbox relay lock: %r", exc)
         finally:
-            # Resetting a pool connection also runs pg_advisory_unlock_all() and UNLISTEN *;
-            # releasing a connection asyncpg already took back is a no-op.
+            # The pool resets this connection in full (hold_session_state): it also runs
+            # pg_advisory_unlock_all() and UNLISTEN *; releasing a connection asyncpg already
+            # took back is a no-op.
             await self._pool.release(conn)
 
     async def _lead(self, lock_conn: asyncpg.pool.PoolConnectionProxy) -> None:
