@@ -228,10 +228,14 @@ async def test_commit_to_kafka_latency_is_well_under_a_second(
     relay = OutboxRelay(pool, kafka_bootstrap, service=service, idle_wait=5.0)
     running = asyncio.create_task(relay.run())
     tps = [TopicPartition(topic.name, p) for p in await partitions_of(kafka_bootstrap, topic.name)]
+    # From the start of the fresh topic: a consumer resetting to "latest" resolves its position
+    # lazily, and when the broker answers NotLeaderForPartition for a just-created partition,
+    # that can happen after the first record was published, which it would then skip.
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka_bootstrap,
         isolation_level="read_committed",
         enable_auto_commit=False,
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     latencies: list[float] = []
