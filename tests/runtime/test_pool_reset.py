@@ -7,8 +7,10 @@ releasing a connection sent anything.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import asyncpg
+import pytest
 
 from services.runtime.db import create_pool, hold_session_state
 
@@ -27,21 +29,30 @@ async def _lock_holders(admin: asyncpg.Connection) -> list[int]:
     return [row["pid"] for row in rows]
 
 
-async def test_a_release_sends_nothing(scratch_db: str) -> None:
+@pytest.fixture
+async def pool_and_admin(scratch_db: str) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Connection]]:
+    """A one-connection pool, and a connection of its own to watch it from."""
     pool = await create_pool(scratch_db, min_size=1, max_size=1)
     admin = await asyncpg.connect(scratch_db)
     try:
-        async with pool.acquire() as conn:
-            pid = conn.get_server_pid()
-            assert await conn.fetchval("SELECT 41 + 1") == 42
-        assert await _last_query(admin, pid) == "SELECT 41 + 1"
-        # The same connection comes back, usable.
-        async with pool.acquire() as conn:
-            assert conn.get_server_pid() == pid
-            assert await conn.fetchval("SELECT 2") == 2
+        yield pool, admin
     finally:
         await admin.close()
         await pool.close()
+
+
+async def test_a_release_sends_nothing(
+    pool_and_admin: tuple[asyncpg.Pool, asyncpg.Connection],
+) -> None:
+    pool, admin = pool_and_admin
+    async with pool.acquire() as conn:
+        pid = conn.get_server_pid()
+        assert await conn.fetchval("SELECT 41 + 1") == 42
+    assert await _last_query(admin, pid) == "SELECT 41 + 1"
+    # The same connection comes back, usable.
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() == pid
+        assert await conn.fetchval("SELECT 2") == 2
 
 
 async def test_a_transaction_left_open_is_rolled_back(scratch_db: str) -> None:
@@ -67,25 +78,22 @@ async def test_a_transaction_left_open_is_rolled_back(scratch_db: str) -> None:
         await pool.close()
 
 
-async def test_session_state_is_reset_when_held(scratch_db: str) -> None:
-    pool = await create_pool(scratch_db, min_size=1, max_size=1)
-    admin = await asyncpg.connect(scratch_db)
-    try:
-        async with pool.acquire() as conn:
-            pid = conn.get_server_pid()
-            hold_session_state(conn)
-            assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
-            await conn.execute("LISTEN somewhere")
-            assert await _lock_holders(admin) == [pid]
-        # Released without unlocking: the full reset ran and let go of the lock and the LISTEN.
-        assert await _lock_holders(admin) == []
-        assert "pg_advisory_unlock_all" in await _last_query(admin, pid)
-        async with pool.acquire() as conn:
-            assert conn.get_server_pid() == pid
-            assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
-            assert await conn.fetchval("SELECT 3") == 3
-        # Only once: the next release of the same connection sends nothing again.
-        assert await _last_query(admin, pid) == "SELECT 3"
-    finally:
-        await admin.close()
-        await pool.close()
+async def test_session_state_is_reset_when_held(
+    pool_and_admin: tuple[asyncpg.Pool, asyncpg.Connection],
+) -> None:
+    pool, admin = pool_and_admin
+    async with pool.acquire() as conn:
+        pid = conn.get_server_pid()
+        hold_session_state(conn)
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+        await conn.execute("LISTEN somewhere")
+        assert await _lock_holders(admin) == [pid]
+    # Released without unlocking: the full reset ran and let go of the lock and the LISTEN.
+    assert await _lock_holders(admin) == []
+    assert "pg_advisory_unlock_all" in await _last_query(admin, pid)
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() == pid
+        assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+        assert await conn.fetchval("SELECT 3") == 3
+    # Only once: the next release of the same connection sends nothing again.
+    assert await _last_query(admin, pid) == "SELECT 3"
