@@ -60,6 +60,13 @@ class Lease:
                 self._conn, self._key = conn, key
             return self._key
 
+    async def release(self) -> None:
+        """Drop the lock now, without waiting for the server (it may be what failed): the rows
+        claimed under it become the scheduler's; the next claim takes a new key."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
     async def close(self) -> None:
         """Release the lock (its rows then count as a dead worker's)."""
         conn, self._conn = self._conn, None

@@ -171,7 +171,8 @@ class QuietRule:
 
 def _local(day: datetime, minute: int, zone: zoneinfo.ZoneInfo) -> datetime:
     # A wall time that does not exist (a DST gap) is read with fold=0, which zoneinfo maps to
-    # the instant the offset before the gap gives: i.e. just after the gap, in absolute time.
+    # the instant the offset before the gap gives: moved forward by the gap (02:30 in a
+    # 02:00->03:00 gap is 03:30 after it).
     naive = datetime.combine(day.date(), time(minute // 60, minute % 60))
     return naive.replace(tzinfo=zone)
 

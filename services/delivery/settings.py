@@ -34,6 +34,8 @@ class DeliverySettings(ServiceSettings):
     worker_batch: int = 2000
     #: Provider calls in flight per worker.
     send_concurrency: int = 256
+    #: SMTP transactions at once per worker (relays refuse bursts of sessions with 421).
+    smtp_max_connections: int = Field(default=10, ge=1)
     #: Provider calls per message before it is dead-lettered.
     max_attempts: int = 5
     #: First retry delay in seconds; doubles per attempt (with full jitter), capped below.

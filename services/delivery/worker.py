@@ -20,7 +20,9 @@ Per polled batch (records of many users and apps):
    between claim and record leaves ``sending`` rows that no record acts on again; once its
    lease is gone the scheduler resends them with the same key on channels whose receiver drops
    a repeat (webhooks, APNs: ``RESEND_SAFE``) and fails them OUTCOME_UNKNOWN elsewhere. A call
-   whose answer was lost after it went out (``maybe_delivered``) follows the same rule.
+   whose answer was lost after it went out (``maybe_delivered``) follows the same rule. A
+   recording that fails is retried (it is idempotent); one that keeps failing releases the
+   lease, so its rows are settled like a dead worker's instead of staying ``sending``.
 5. RETRY outcomes are parked (``retry_wait``) with exponential backoff and jitter, honouring
    Retry-After; the scheduler puts them back on the topic as the next dispatch. After
    ``max_attempts`` provider calls the message fails (RETRIES_EXHAUSTED) and is dead-lettered.
@@ -83,6 +85,11 @@ _STATUS_SENT = S.MESSAGE_STATUS_SENT
 _STATUS_FAILED = S.MESSAGE_STATUS_FAILED
 #: A rate-limited channel's chunk holds about this many seconds of its calls.
 _CHUNK_SECONDS = 10.0
+#: Recording provider answers is tried this often, waiting 0.2 s doubling to 2 s in between
+#: (about 4 s in all) before the rows are given up to the scheduler.
+_RECORD_ATTEMPTS = 5
+_RECORD_BACKOFF = 0.2
+_RECORD_BACKOFF_MAX = 2.0
 
 
 @dataclass(slots=True)
@@ -816,7 +823,7 @@ class Worker:
         finishes: list[Finish] = []
         parks: list[Park] = []
         facts: dict[uuid.UUID, Fact] = {}
-        dead: list[tuple[str, DeadLetter]] = []
+        dead: list[tuple[uuid.UUID, str, DeadLetter]] = []
         deltas = BroadcastDeltas()
         for item, result in answered:
             job, decision, user = item.job, item.decision, item.user
@@ -925,14 +932,62 @@ class Worker:
                         reason=f"{reason} after {attempt} attempts: {result.detail}",
                     )
                     letter.occurred_at.FromDatetime(now)
-                    dead.append((user.user_id, letter))
-        async with self._ctx.pool.acquire() as conn, conn.transaction():
-            changed = await messages_store.finish(conn, finishes, now)
-            changed |= await messages_store.park(conn, parks, now)
-            await record_facts(conn, [fact for mid, fact in facts.items() if mid in changed])
-            await apply_deltas(conn, deltas.only(changed))
-            await outbox.enqueue_many(conn, DEAD_LETTERS, dead)
+                    dead.append((job.message_id, user.user_id, letter))
+        try:
+            changed = await self._commit_results(now, finishes, parks, facts, deltas, dead)
+        except Exception:
+            # The answers are lost; the rows must not stay "sending" under a live lease (the
+            # scheduler settles only a dead worker's rows): give them up to the scheduler.
+            log.exception(
+                "recording %d provider answers failed; releasing the lease", len(answered)
+            )
+            await self._lease.release()
+            raise
         for finish in finishes:
             if finish.message_id in changed:
                 self._outcomes.labels("sent" if finish.state == "sent" else "failed").inc()
         self._outcomes.labels("retry").inc(sum(1 for p in parks if p.message_id in changed))
+
+    async def _commit_results(
+        self,
+        now: datetime,
+        finishes: list[Finish],
+        parks: list[Park],
+        facts: dict[uuid.UUID, Fact],
+        deltas: BroadcastDeltas,
+        dead: list[tuple[uuid.UUID, str, DeadLetter]],
+    ) -> set[uuid.UUID]:
+        """Record the answers in one transaction, retried with a bounded backoff; returns the
+        ids of the messages it moved.
+
+        Repeating it is harmless: every write is conditional on the row still being the
+        claimed ``sending`` dispatch, and receipts, counts and dead letters go only with the
+        rows that moved, so a retry after a commit whose answer was lost writes nothing.
+        """
+        delay = _RECORD_BACKOFF
+        for attempt in range(1, _RECORD_ATTEMPTS + 1):
+            try:
+                async with self._ctx.pool.acquire() as conn, conn.transaction():
+                    changed = await messages_store.finish(conn, finishes, now)
+                    changed |= await messages_store.park(conn, parks, now)
+                    await record_facts(
+                        conn, [fact for mid, fact in facts.items() if mid in changed]
+                    )
+                    await apply_deltas(conn, deltas.only(changed))
+                    await outbox.enqueue_many(
+                        conn, DEAD_LETTERS, [(key, dl) for mid, key, dl in dead if mid in changed]
+                    )
+                return changed
+            except Exception as exc:
+                if attempt == _RECORD_ATTEMPTS:
+                    raise
+                log.warning(
+                    "recording provider answers failed (attempt %d of %d), again in %.1fs: %r",
+                    attempt,
+                    _RECORD_ATTEMPTS,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECORD_BACKOFF_MAX)
+        raise AssertionError("unreachable")

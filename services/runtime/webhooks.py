@@ -67,10 +67,38 @@ class AddressPolicy:
     allow_link_local: bool = False
 
 
+#: NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address reached.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to by translation or tunnelling, if any."""
+    if address.sixtofour is not None:  # 2002:AABB:CCDD::/48 tunnels to A.B.C.D
+        return address.sixtofour
+    if address.teredo is not None:  # 2001::/32: the client's (de-obfuscated) address
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def address_refusal(address: IPAddress, policy: AddressPolicy) -> str | None:
-    """Why ``address`` may not be called under ``policy``, or None when it may."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Why ``address`` may not be called under ``policy``, or None when it may.
+
+    An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4, Teredo, NAT64) reaches that
+    IPv4 address, so it is judged by it as well: ``2002:7f00:1::`` is loopback.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        else:
+            embedded = _embedded_v4(address)
+            if embedded is not None:
+                refusal = address_refusal(embedded, policy)
+                if refusal is not None:
+                    return f"{address} leads to {refusal}"
+                if address in _NAT64:  # "reserved" by range, but a public IPv4 behind it
+                    return None
     if address.is_unspecified or address.is_multicast:
         return f"{address} is not a unicast address"
     if address in _METADATA or address.is_link_local:

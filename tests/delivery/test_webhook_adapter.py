@@ -148,6 +148,33 @@ def test_each_address_class_is_allowed_only_explicitly() -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "leads_to"),
+    [
+        ("::ffff:127.0.0.1", "127.0.0.1 is loopback"),  # IPv4-mapped
+        ("2002:7f00:1::", "127.0.0.1 is loopback"),  # 6to4
+        ("2002:a00:1::1", "10.0.0.1 is private"),
+        ("2002:a9fe:a9fe::", "169.254.169.254 is link-local or metadata"),
+        ("64:ff9b::7f00:1", "127.0.0.1 is loopback"),  # NAT64
+        ("64:ff9b::c0a8:101", "192.168.1.1 is private"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "127.0.0.1 is loopback"),  # Teredo client
+    ],
+)
+def test_ipv6_forms_that_carry_a_refused_ipv4_address_are_refused(
+    address: str, leads_to: str
+) -> None:
+    refusal = address_refusal(ipaddress.ip_address(address), AddressPolicy())
+    assert refusal is not None
+    assert refusal.endswith(leads_to)
+    everything = AddressPolicy(allow_loopback=True, allow_private=True, allow_link_local=True)
+    assert address_refusal(ipaddress.ip_address(address), everything) is None
+
+
+def test_ipv6_forms_that_carry_a_public_ipv4_address_are_allowed() -> None:
+    for address in ("2002:808:808::1", "64:ff9b::808:808"):
+        assert address_refusal(ipaddress.ip_address(address), AddressPolicy()) is None
+
+
+@pytest.mark.parametrize(
     "credentials",
     [
         {},

@@ -131,8 +131,8 @@ class Outcome(StrEnum):
     """How a provider call ended."""
 
     SENT = "sent"  #: accepted by the provider
-    FAILED = "failed"  #: refused for good (4xx other than 429): do not retry
-    RETRY = "retry"  #: 429, 5xx, timeout, connection error: retry later
+    FAILED = "failed"  #: refused for good (4xx other than 408/425/429): do not retry
+    RETRY = "retry"  #: 408, 425, 429, 5xx, timeout, connection error: retry later
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """What every HTTP provider adapter shares: one pooled httpx client and the status rules.
 
-The rules (DESIGN.md §4): 2xx is SENT; 4xx other than 429 is FAILED (retrying cannot help);
-429, 5xx, timeouts and connection errors are RETRY, with the provider's ``Retry-After``
+The rules (DESIGN.md §4): 2xx is SENT; 4xx other than 408, 425 and 429 is FAILED (retrying
+cannot help); 408 (Request Timeout), 425 (Too Early), 429, 5xx, timeouts and connection errors
+are RETRY, with the provider's ``Retry-After``
 (seconds or an HTTP date) passed on so the worker's backoff honours it; a RETRY whose request
 may have reached the provider (its answer was lost) says so (``maybe_delivered``). Adapters
 refine the rules with what the provider says in the body (a dead token, an expired credential).
@@ -22,6 +23,7 @@ from services.delivery.providers.base import CredentialsError, Outcome, Provider
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "RETRYABLE_4XX",
     "HttpClient",
     "endpoint_from",
     "json_body",
@@ -33,6 +35,9 @@ __all__ = [
     "unreachable",
 ]
 
+#: 4xx answers that say "not now" rather than "never": Request Timeout, Too Early, Too Many
+#: Requests (the webhook channel retries the same ones).
+RETRYABLE_4XX = frozenset({408, 425, 429})
 #: Seconds an adapter waits for a provider (connect, write and each read).
 DEFAULT_TIMEOUT = 10.0
 #: The answer of a provider we never read whole: a misbehaving server cannot fill our memory.
@@ -70,7 +75,7 @@ def outcome_for_status(status: int) -> Outcome:
     """The outcome an HTTP status means when the body says nothing more precise."""
     if 200 <= status < 300:
         return Outcome.SENT
-    if status == 429 or status >= 500:
+    if status in RETRYABLE_4XX or status >= 500:
         return Outcome.RETRY
     # 1xx/3xx are not answers a provider API gives; treat them as a provider fault, not ours.
     if status < 400:

@@ -1,9 +1,10 @@
 """Builds the provider adapters, one per deliverable channel.
 
-Each adapter lives in its own module (``providers/apns.py``...) and is constructed with no
-arguments. A module that is missing or fails to import is reported, not fatal: the service
-runs, and messages for that channel fail with CHANNEL_UNAVAILABLE (saving its configuration is
-refused the same way), so one broken adapter never takes the other channels down.
+Each adapter lives in its own module (``providers/apns.py``...) and can be constructed with
+no arguments; the few settings an adapter takes (:func:`_options`) come from the service's.
+A module that is missing or fails to import is reported, not fatal: the service runs, and
+messages for that channel fail with CHANNEL_UNAVAILABLE (saving its configuration is refused
+the same way), so one broken adapter never takes the other channels down.
 """
 
 from __future__ import annotations
@@ -53,17 +54,26 @@ class Adapters:
                 log.exception("closing the %s adapter failed", adapter.name)
 
 
+def _options(channel: Channel, settings: Any) -> dict[str, Any]:
+    """The constructor arguments ``channel``'s adapter takes from the settings."""
+    if channel is Channel.EMAIL:
+        bound = getattr(settings, "smtp_max_connections", None)
+        if isinstance(bound, int):
+            return {"max_connections": bound}
+    return {}
+
+
 def load_adapters(settings: Any = None) -> Adapters:
     """Import and construct every adapter; records the failures instead of raising.
 
     Args:
-        settings: The delivery settings (unused today: adapters take no arguments).
+        settings: The delivery settings (see :func:`_options`); defaults when None.
     """
     adapters = Adapters()
     for channel, (module_name, class_name) in ADAPTER_CLASSES.items():
         try:
             module = importlib.import_module(module_name)
-            adapter = getattr(module, class_name)()
+            adapter = getattr(module, class_name)(**_options(channel, settings))
         except Exception as exc:  # ImportError, AttributeError, a constructor that fails
             adapters.missing[channel] = f"{module_name}.{class_name}: {type(exc).__name__}: {exc}"
             log.warning("no %s adapter: %s", channel.value, adapters.missing[channel])

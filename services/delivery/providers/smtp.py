@@ -20,11 +20,16 @@ Other 5xx (sender, content, AUTH) fail; 4xx and connection problems are RETRY.
 
 Connections are pooled per server and account (TLS and AUTH once, not per message); one that
 sat idle long is closed rather than reused, and a reused one that turns out dead before the
-transaction started is replaced transparently, since nothing was sent on it.
+transaction started is replaced transparently, since nothing was sent on it. At most
+``max_connections`` transactions (default 10, ``TIDINGS_SMTP_MAX_CONNECTIONS``) run at once, so
+no server ever sees more sessions from us than that (a session is opened only when none of
+that server's is idle): relays answer a burst of sessions with 421. The worker's send window
+follows the bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import email.utils
 import hashlib
@@ -57,6 +62,8 @@ _DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 _NOT_THE_ADDRESS = re.compile(r"^5\.(7\.\d+|2\.2|3\.\d+|4\.\d+|6\.\d+)\b")
 _ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+")
+#: SMTP sessions open at once by default: what relays commonly allow one client.
+DEFAULT_MAX_CONNECTIONS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +109,9 @@ class SmtpAdapter:
             trust store otherwise.
         local_hostname: The name given in EHLO (the machine's FQDN otherwise).
         idle_seconds: A pooled connection idle longer than this is closed, not reused.
-        max_idle: Connections kept per server and account.
+        max_idle: Connections kept per server and account (default: ``max_connections``).
+        max_connections: SMTP transactions at once, over all servers; no server gets more
+            sessions than this.
         clock: A monotonic clock (tests move it).
     """
 
@@ -116,16 +125,27 @@ class SmtpAdapter:
         tls_context: ssl.SSLContext | None = None,
         local_hostname: str | None = None,
         idle_seconds: float = 30.0,
-        max_idle: int = 4,
+        max_idle: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self._timeout = timeout
         self._tls_context = tls_context
         self._local_hostname = local_hostname
         self._idle_seconds = idle_seconds
-        self._max_idle = max_idle
+        self._max_connections = max_connections
+        self._max_idle = max_connections if max_idle is None else max_idle
+        # One slot per transaction in progress; an idle pooled session holds none.
+        self._slots = asyncio.Semaphore(max_connections)
         self._clock = clock
         self._idle: dict[_Server, list[tuple[aiosmtplib.SMTP, float]]] = {}
+
+    @property
+    def max_in_flight(self) -> int:
+        """Messages that can be in an SMTP transaction at once."""
+        return self._max_connections
 
     def check_credentials(self, credentials: Mapping[str, Any]) -> None:
         _config(credentials)
@@ -157,7 +177,8 @@ class SmtpAdapter:
         policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
         try:
             payload = mime.as_bytes(policy=policy)
-            await self._transaction(config.server, sender, recipient, payload, utf8=utf8)
+            async with self._slots:
+                await self._transaction(config.server, sender, recipient, payload, utf8=utf8)
         except _Refused as refused:
             return refused.result
         except _AnswerLost as lost:

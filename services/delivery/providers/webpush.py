@@ -4,7 +4,14 @@ Credentials: ``vapid_private_key`` (PEM, or the base64url raw 32-byte key that w
 print), ``vapid_subject`` (``mailto:`` or ``https:``, how the push service reaches the
 sender), optional ``vapid_public_key`` (checked against the private key: it is the
 ``applicationServerKey`` the site subscribed with, so a mismatch is refused by every push
-service). The recipient is the subscription: its endpoint URL and its ``p256dh``/``auth`` keys.
+service), and ``allow_loopback``, ``allow_private``, ``allow_link_local`` (default false). The
+recipient is the subscription: its endpoint URL and its ``p256dh``/``auth`` keys.
+
+The endpoint comes from a browser (a client key may register it), so it goes through the
+webhooks' SSRF guard (:mod:`services.runtime.http_client`): the host is resolved here, every
+address checked, and the call connects to the checked address. Loopback, private, link-local
+and metadata addresses (IPv4 ones carried by IPv6: mapped, 6to4, Teredo, NAT64, included) are
+refused unless the channel's credentials allow that class: FAILED, marked dead, no call.
 
 Sent: ``POST <endpoint>`` with the JSON notification encrypted for the subscription,
 ``Authorization: vapid t=<ES256 JWT>, k=<public key>``, ``TTL``, ``Urgency`` (high for a
@@ -12,11 +19,13 @@ visible notification, normal for data only) and ``Topic`` (from the idempotency 
 duplicate still waiting on the push service replaces the first instead of showing twice).
 
 Answers: 201 (any 2xx) is SENT (``Location``); 404/410 fail and mark the subscription dead;
-413 (payload too large) and other 4xx fail; 429 and 5xx are RETRY with ``Retry-After``.
+413 (payload too large) and other 4xx fail; 408, 425, 429 and 5xx are RETRY with
+``Retry-After``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -49,12 +58,13 @@ from services.delivery.providers.base import (
 )
 from services.delivery.providers.http import (
     DEFAULT_TIMEOUT,
-    HttpClient,
     json_body,
     not_sent,
     require_text,
     result_for_status,
 )
+from services.runtime.http_client import AddressRefused, AnswerLost, HttpClient
+from services.runtime.webhooks import AddressPolicy
 
 __all__ = [
     "DEFAULT_TTL",
@@ -73,6 +83,9 @@ MAX_PAYLOAD = 4096 - 86 - 16 - 1
 #: A VAPID JWT lives this long (RFC 8292 allows up to 24 h) and is reused for an hour of it.
 _JWT_LIFETIME = 12 * 3600
 _JWT_REUSE = 3600
+#: Calls on the wire at once, over all push services.
+MAX_IN_FLIGHT = 100
+_ADDRESS_FLAGS = ("allow_loopback", "allow_private", "allow_link_local")
 
 
 def b64url_decode(value: str) -> bytes:
@@ -140,8 +153,8 @@ class WebPushAdapter:
     """Sends browser pushes through each subscription's push service.
 
     Args:
-        client: An httpx client to use (tests); one is made otherwise.
-        timeout: Seconds to wait for a push service.
+        client: The guarded HTTP client (one pooled client per adapter by default).
+        timeout: Seconds to wait for a push service (the whole call).
         clock: Unix time, for the VAPID JWT's ``exp`` (tests move it).
         allow_insecure_endpoints: Accept ``http://`` endpoints (local test servers). Real
             push services are all ``https``; refusing the rest keeps a forged subscription
@@ -154,24 +167,29 @@ class WebPushAdapter:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient | None = None,
+        client: HttpClient | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         allow_insecure_endpoints: bool = False,
     ) -> None:
-        self._http = HttpClient(client=client, timeout=timeout)
+        self._http = client or HttpClient()
+        self._timeout = timeout
+        # The guarded client does not bound its connections: this does.
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._clock = clock
         self._allow_insecure = allow_insecure_endpoints
         self._jwts: dict[tuple[str, str, str], tuple[str, float]] = {}
 
     def check_credentials(self, credentials: Mapping[str, Any]) -> None:
         _vapid(credentials)
+        _address_policy(credentials)
 
     async def send(
         self, message: OutboundMessage, credentials: Mapping[str, Any]
     ) -> ProviderResult:
         try:
             vapid = _vapid(credentials)
+            address_policy = _address_policy(credentials)
         except CredentialsError as error:
             return not_sent(self.name, f"credentials: {error}")
         content = message.content
@@ -206,12 +224,39 @@ class WebPushAdapter:
             "urgency": "high" if visible else "normal",
             "topic": _topic(message.idempotency_key),
         }
-        answer = await self._http.request(
-            self.name, "POST", str(endpoint), content=body, headers=headers
-        )
-        if isinstance(answer, ProviderResult):
-            return answer
-        return self._classify(answer)
+        async with self._slots:
+            return await self._post(str(endpoint), headers, body, address_policy)
+
+    async def _post(
+        self, url: str, headers: dict[str, str], body: bytes, address_policy: AddressPolicy
+    ) -> ProviderResult:
+        try:
+            answer = await self._http.request(
+                "POST",
+                url,
+                headers=headers,
+                body=body,
+                policy=address_policy,
+                timeout=self._timeout,
+            )
+        except AddressRefused as refused:
+            # A subscription that points at our own network never becomes deliverable.
+            return self._dead(f"subscription endpoint address refused: {refused}")
+        except ValueError as error:
+            return self._dead(f"subscription endpoint unusable: {error}")
+        except AnswerLost as lost:
+            return ProviderResult(
+                Outcome.RETRY,
+                detail=f"{self.name}:no answer (the request went out): {lost}",
+                maybe_delivered=True,
+            )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+            kind = "timeout" if isinstance(error, TimeoutError) else "unreachable"
+            return ProviderResult(
+                Outcome.RETRY, detail=f"{self.name}:{kind}: {error or type(error).__name__}"
+            )
+        response = httpx.Response(answer.status, headers=dict(answer.headers), content=answer.body)
+        return self._classify(response)
 
     def _classify(self, response: httpx.Response) -> ProviderResult:
         if response.is_success:
@@ -245,11 +290,11 @@ class WebPushAdapter:
 
     @property
     def max_in_flight(self) -> int:
-        """Calls that can be on the wire at once (the connection pool's size)."""
-        return self._http.max_in_flight
+        """Calls that can be on the wire at once."""
+        return MAX_IN_FLIGHT
 
     async def close(self) -> None:
-        await self._http.aclose()
+        self._http.close()
 
 
 def _notification(message: OutboundMessage, content: PushContent) -> bytes:
@@ -280,6 +325,17 @@ def _origin(url: httpx.URL) -> str:
 def _topic(idempotency_key: str) -> str:
     # RFC 8030 §5.4: at most 32 characters of the base64url alphabet.
     return b64url_encode(hashlib.sha256(idempotency_key.encode()).digest())[:32]
+
+
+def _address_policy(credentials: Mapping[str, Any]) -> AddressPolicy:
+    """Which non-public endpoint addresses the app allows (the webhook channel's flags)."""
+    flags = {}
+    for name in _ADDRESS_FLAGS:
+        value = credentials.get(name, False)
+        if not isinstance(value, bool):
+            raise CredentialsError(f"{name}: true or false")
+        flags[name] = value
+    return AddressPolicy(**flags)
 
 
 def _vapid(credentials: Mapping[str, Any]) -> _Vapid:

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from services.delivery.providers.apns import ApnsAdapter
 from services.delivery.providers.base import Channel, CredentialsError, ProviderAdapter
 from services.delivery.providers.fcm import FcmAdapter
+from services.delivery.providers.registry import load_adapters
 from services.delivery.providers.smtp import SmtpAdapter
 from services.delivery.providers.telegram import TelegramAdapter
 from services.delivery.providers.twilio import TwilioSmsAdapter
@@ -46,3 +49,11 @@ def test_empty_credentials_name_a_missing_field(index: int) -> None:
 
     with pytest.raises(CredentialsError, match=r"^\w+: required"):
         adapter.check_credentials({})
+
+
+async def test_the_smtp_bound_comes_from_the_settings() -> None:
+    adapters = load_adapters(SimpleNamespace(smtp_max_connections=4))
+    try:
+        assert getattr(adapters.get(Channel.EMAIL), "max_in_flight", None) == 4
+    finally:
+        await adapters.close()

@@ -57,6 +57,8 @@ def test_retry_after_in_seconds_or_as_an_http_date(
         (404, Outcome.FAILED),
         (410, Outcome.FAILED),
         (413, Outcome.FAILED),
+        (408, Outcome.RETRY),
+        (425, Outcome.RETRY),
         (429, Outcome.RETRY),
         (500, Outcome.RETRY),
         (502, Outcome.RETRY),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -248,6 +249,27 @@ async def test_connections_are_reused(submission: FakeSmtpServer, adapter: SmtpA
 
     assert submission.connections == 1
     assert len(submission.received) == 3
+
+
+async def test_a_burst_never_opens_more_sessions_than_the_bound(tls: TlsFiles) -> None:
+    adapter = SmtpAdapter(timeout=5, tls_context=tls.client_context(), max_connections=3)
+    try:
+        async with FakeSmtpServer(mode="starttls", tls=tls, users=USERS) as slow:
+            slow.data_delay = 0.05  # a slow relay: transactions overlap
+            results = await asyncio.gather(
+                *(adapter.send(mail(f"u{n}@example.com"), creds(slow)) for n in range(12))
+            )
+    finally:
+        await adapter.close()
+
+    assert [r.outcome for r in results] == [Outcome.SENT] * 12
+    assert adapter.max_in_flight == 3
+    assert slow.connections <= 3  # sessions are only opened, never more than 3 at once
+    assert slow.peak_in_data == 3
+
+
+def test_the_default_bound_is_ten() -> None:
+    assert SmtpAdapter().max_in_flight == 10
 
 
 async def test_a_connection_the_server_closed_is_replaced_without_a_failure(

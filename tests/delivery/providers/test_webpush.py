@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
@@ -54,7 +55,13 @@ VAPID_RAW = b64url_encode(VAPID_KEY.private_numbers().private_value.to_bytes(32,
 VAPID_PUBLIC = b64url_encode(
     VAPID_KEY.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 )
-CREDENTIALS = {"vapid_private_key": VAPID_RAW, "vapid_subject": "mailto:ops@acme.example"}
+CREDENTIALS = {
+    "vapid_private_key": VAPID_RAW,
+    "vapid_subject": "mailto:ops@acme.example",
+    # The fake push service listens on loopback.
+    "allow_loopback": True,
+}
+NO_LOOPBACK = {k: v for k, v in CREDENTIALS.items() if k != "allow_loopback"}
 
 
 def key_from(raw: str) -> ec.EllipticCurvePrivateKey:
@@ -266,6 +273,19 @@ async def test_rate_limiting_retries_after_an_http_date(
     assert 110 <= result.retry_after <= 121
 
 
+@pytest.mark.parametrize("status", [408, 425])
+async def test_a_request_timeout_or_too_early_is_retried_after_retry_after(
+    fake: FakePushService, adapter: WebPushAdapter, status: int
+) -> None:
+    subscription = fake.subscribe()
+    subscription.answer = (status, {"retry-after": "30"})
+
+    result = await adapter.send(push(subscription), CREDENTIALS)
+
+    assert (result.outcome, result.retry_after) == (Outcome.RETRY, 30.0)
+    assert result.detail.startswith(f"webpush:{status} ")
+
+
 async def test_a_server_error_is_retried(fake: FakePushService, adapter: WebPushAdapter) -> None:
     subscription = fake.subscribe()
     subscription.answer = (503, {})
@@ -284,6 +304,90 @@ async def test_plain_http_endpoints_are_refused_by_default(fake: FakePushService
 
     assert (result.outcome, result.token_invalid) == (Outcome.FAILED, True)
     assert fake.received == []
+
+
+class Listener:
+    """A local TCP server that counts the connections reaching it and closes them."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Listener:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_an_https_endpoint_on_loopback_is_refused_unless_the_app_allows_it(
+    fake: FakePushService, host: str
+) -> None:
+    # What a browser holding a client key can register: https, but pointing at our network.
+    subscription = fake.subscribe()
+    adapter = WebPushAdapter(timeout=2)
+    try:
+        async with Listener() as listener:
+            message = outbound(
+                Channel.WEB_PUSH,
+                f"https://{host}:{listener.port}/push/{subscription.id}",
+                PushContent(title="t"),
+                p256dh=subscription.p256dh,
+                auth=subscription.auth_b64,
+            )
+            result = await adapter.send(message, NO_LOOPBACK)
+            assert listener.connections == 0
+            # The control: allowed, the same endpoint is called (TLS then fails: a retry).
+            allowed = await adapter.send(message, CREDENTIALS)
+            assert listener.connections == 1
+    finally:
+        await adapter.close()
+
+    assert (result.outcome, result.token_invalid) == (Outcome.FAILED, True)
+    assert result.detail.startswith("webpush:subscription endpoint address refused: ")
+    assert result.detail.endswith("is loopback")
+    assert allowed.outcome is Outcome.RETRY
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://10.1.2.3/push/x",
+        "https://192.168.0.10/push/x",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[fd00::1]/push/x",
+        "https://[::ffff:127.0.0.1]/push/x",
+        "https://[2002:7f00:1::]/push/x",
+        "https://[64:ff9b::a00:1]/push/x",
+        "https://[2001:0:4136:e378:8000:63bf:80ff:fffe]/push/x",
+    ],
+)
+async def test_private_and_ipv4_carrying_endpoints_are_refused_before_any_call(
+    fake: FakePushService, adapter: WebPushAdapter, endpoint: str
+) -> None:
+    subscription = fake.subscribe()
+    message = outbound(
+        Channel.WEB_PUSH,
+        endpoint,
+        PushContent(title="t"),
+        p256dh=subscription.p256dh,
+        auth=subscription.auth_b64,
+    )
+
+    result = await adapter.send(message, NO_LOOPBACK)
+
+    assert (result.outcome, result.token_invalid) == (Outcome.FAILED, True)
+    assert "address refused" in result.detail
 
 
 @pytest.mark.parametrize(
@@ -321,6 +425,8 @@ async def test_a_subscription_with_broken_keys_is_dead(
         ({"vapid_public_key": RFC_UA_PUBLIC}, "vapid_public_key"),
         ({"vapid_subject": "ops@acme.example"}, "vapid_subject"),
         ({"vapid_subject": None}, "vapid_subject"),
+        ({"allow_loopback": "yes"}, "allow_loopback"),
+        ({"allow_private": 1}, "allow_private"),
     ],
 )
 def test_credentials_are_checked(change: dict[str, Any], field: str) -> None:

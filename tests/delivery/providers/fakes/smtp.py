@@ -50,6 +50,8 @@ class FakeSmtpServer:
         refuse_data: The reply to DATA instead of accepting it.
         received: The accepted messages.
         connections: How many connections were opened.
+        data_delay: Seconds DATA takes (a slow relay).
+        peak_in_data: The most DATA commands that were in progress at once.
     """
 
     def __init__(
@@ -66,6 +68,9 @@ class FakeSmtpServer:
         self.refuse_data: str | None = None
         self.received: list[Mail] = []
         self.connections = 0
+        self.data_delay = 0.0
+        self.in_data = 0
+        self.peak_in_data = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._protocols: list[SMTP] = []
@@ -147,6 +152,17 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        fake = self.server
+        fake.in_data += 1
+        fake.peak_in_data = max(fake.peak_in_data, fake.in_data)
+        try:
+            if fake.data_delay:
+                await asyncio.sleep(fake.data_delay)
+            return self._accept(session, envelope)
+        finally:
+            fake.in_data -= 1
+
+    def _accept(self, session: Session, envelope: Envelope) -> str:
         if self.server.refuse_data is not None:
             return self.server.refuse_data
         content = envelope.original_content or b""
