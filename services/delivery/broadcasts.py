@@ -3,8 +3,10 @@
 * **All users / a segment / a list**: Broadcast stores the job (``fanning_out``) and answers at
   once; a fan-out task (any replica; one per broadcast, by advisory lock) reads the audience in
   pages of 1,000 (identity's ListUsers, ListSegmentMembers, or the stored list), publishes the
-  page's records (acks=all) and then saves its cursor and the enqueued count. After a crash the
-  next owner resumes at the cursor; the page that may have been published twice names the same
+  page's records (acks=all) and then saves its cursor (the page token, the list index, or the
+  last segment member's user id: members stream in user id order, so a resume by id is right
+  whoever joined or left meanwhile) and the enqueued count. After a crash the next owner resumes
+  at the cursor; the page that may have been published twice names the same
   messages (ids and ledger keys are derived from the broadcast and the user), so no one gets a
   second message.
 * **CSV** (client stream): the file is parsed as it arrives and enqueued page by page, so a
@@ -466,29 +468,43 @@ class FanOut:
                     if done:
                         return
             elif kind == "segment_id":
-                skip = int(row["enqueued"])
-                seen = 0
-                page_records: list[FanOutRecord] = []
-                async for user_id in self.identity.segment_members(app_id, audience.segment_id):
-                    seen += 1
-                    if seen <= skip:
-                        continue  # published before a restart
-                    page_records.append(
-                        _record(
-                            app_id,
-                            broadcast_id,
-                            user_ref_pb2.UserRef(user_id=user_id),
-                            occurred,
-                            expire,
-                        )
-                    )
-                    if len(page_records) >= PAGE:
-                        if not await _publish(self.ctx, app_id, broadcast_id, page_records, ""):
-                            return
-                        page_records = []
-                await _publish(self.ctx, app_id, broadcast_id, page_records, "", done=True)
+                await self._fan_out_segment(row, audience.segment_id, occurred, expire)
         except NotFound as exc:
             await _fail(self.ctx, app_id, broadcast_id, exc.message)
+
+    async def _fan_out_segment(
+        self,
+        row: asyncpg.Record,
+        segment_id: str,
+        occurred: timestamp_pb2.Timestamp,
+        expire: timestamp_pb2.Timestamp | None,
+    ) -> None:
+        """Members come in user id order; the cursor is the last user id published, so a
+        resumed fan-out starts after it whoever joined or left meanwhile (a count would
+        shift when a lower id left or joined)."""
+        app_id, broadcast_id = row["app_id"], row["broadcast_id"]
+        cursor: str = row["cursor"]
+        page_records: list[FanOutRecord] = []
+        async for user_id in self.identity.segment_members(
+            app_id, segment_id, after_user_id=cursor
+        ):
+            page_records.append(
+                _record(
+                    app_id,
+                    broadcast_id,
+                    user_ref_pb2.UserRef(user_id=user_id),
+                    occurred,
+                    expire,
+                )
+            )
+            if len(page_records) >= PAGE:
+                cursor = page_records[-1].user_id
+                if not await _publish(self.ctx, app_id, broadcast_id, page_records, cursor):
+                    return
+                page_records = []
+        if page_records:
+            cursor = page_records[-1].user_id
+        await _publish(self.ctx, app_id, broadcast_id, page_records, cursor, done=True)
 
 
 class _CsvRows:

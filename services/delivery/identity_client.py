@@ -179,8 +179,10 @@ class IdentityClient:
             raise _unavailable(error) from None
         return [user.user_id for user in response.users], response.next_page_token
 
-    async def segment_members(self, app_id: str, segment_id: str) -> AsyncIterator[str]:
-        """Stream the user ids of a segment's members.
+    async def segment_members(
+        self, app_id: str, segment_id: str, *, after_user_id: str = ""
+    ) -> AsyncIterator[str]:
+        """Stream the user ids of a segment's members, in user id order (after ``after_user_id``).
 
         Raises:
             NotFound: The segment does not exist (SEGMENT_NOT_FOUND).
@@ -189,7 +191,9 @@ class IdentityClient:
         key_id, secret = await self._key(app_id)
         identity, _ = self._stubs()
         stream = identity.ListSegmentMembers(
-            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id),
+            segment_pb2.ListSegmentMembersRequest(
+                segment_id=segment_id, after_user_id=after_user_id
+            ),
             metadata=(("authorization", f"Bearer {secret}"),),
         )
         try:

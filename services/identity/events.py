@@ -280,7 +280,7 @@ async def track_events(
     Raises:
         InvalidArgument: More than :data:`MAX_BATCH` events (field ``events``).
         Unavailable: Kafka did not acknowledge every record; some may have been written, so
-            retry with the same event ids.
+            a retry stores nothing twice only for events that set ``event_id``.
     """
     if len(events) > MAX_BATCH:
         raise InvalidArgument(
@@ -342,7 +342,9 @@ async def track_events(
             await ctx.producer.send_many(IDENTITY_EVENTS, records)
         except aiokafka.errors.KafkaError as exc:
             raise Unavailable(
-                "the events could not be written durably; retry the batch with the same event ids",
+                "the events could not be written durably; retry the batch (events that set "
+                "event_id are stored once however often they are retried; events without one "
+                "get a new id per attempt and may be stored twice)",
                 reason="EVENTS_NOT_WRITTEN",
             ) from exc
     return results

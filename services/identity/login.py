@@ -14,7 +14,8 @@
   addresses); the anonymous profile's other subscriptions move too, most recently active first,
   while the known user has room, and the rest are deleted; its aliases move while the known
   user has fewer than 10 and does not have that label already; attributes the known profile
-  lacks are filled from it (the known profile's values win); its stored events move; a
+  lacks are filled from it (the known profile's values win) while it holds fewer than 100
+  custom attributes, in name order, the rest being dropped; its stored events move; a
   ``user_merges`` row records who (the key), from, into and when; the anonymous profile is
   deleted; ``USER_MERGED`` (with ``merged_user_id`` and the fields filled) is published.
 
@@ -54,10 +55,15 @@ from services.identity.subscriptions import (
     unassign_subscription,
 )
 from services.identity.subscriptions_store import Subscription
-from services.identity.users import MAX_ALIASES
+from services.identity.users import MAX_ALIASES, MAX_ATTRIBUTES
 from services.identity.validation import check_external_id
 from services.runtime.db import DBConnection
-from services.runtime.errors import FailedPrecondition, FieldViolations, PermissionDenied
+from services.runtime.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    FieldViolations,
+    PermissionDenied,
+)
 
 __all__ = ["LoginResult", "login", "logout", "plan_merge"]
 
@@ -111,7 +117,7 @@ def plan_merge(
     Raises:
         ResourceExhausted: The known user's subscriptions are all addresses and at the cap.
     """
-    evict = choose_evictions(known_held, adding=1, limit=limit)
+    evict = choose_evictions(known_held, adding=1, limit=limit, field="external_id")
     room = limit - (len(known_held) - len(evict)) - 1
     others = sorted(
         (s for s in anonymous_held if s.subscription_id != device.subscription_id),
@@ -201,6 +207,11 @@ async def _login(
             "identified users are never merged: Logout first, then Login",
             reason="USER_ALREADY_IDENTIFIED",
             metadata={"subscription_id": str(subscription_id)},
+            field_violations=[
+                FieldViolation(
+                    "external_id", "the subscription's user has another external_id already"
+                )
+            ],
         )
     if known is None:
         if not await store.set_external_id(conn, app_id, holder, external_id, at):
@@ -244,7 +255,9 @@ async def _merge(
     ]
     dropped = await store.delete(conn, app_id, [s.subscription_id for s in plan.drop])
     facts += [subscription_fact(changes.Kind.KIND_SUBSCRIPTION_REMOVED, s, at) for s in dropped]
-    filled = await store.merge_profile(conn, app_id, source, into, at)
+    filled = await store.merge_profile(
+        conn, app_id, source, into, at, max_attributes=MAX_ATTRIBUTES
+    )
     room = MAX_ALIASES - await users_store.count_aliases(conn, app_id, into)
     aliases = await store.move_aliases(conn, app_id, source, into, room)
     await store.record_merge(

@@ -125,17 +125,13 @@ def parse_segment_id(text: str, field: str = "segment_id") -> uuid.UUID:
     """A segment id from a request.
 
     Raises:
-        InvalidArgument: Empty (REQUIRED).
-        NotFound: Not an id we could have made.
+        InvalidArgument: Empty (REQUIRED) or not a UUID (INVALID_ID), naming ``field``.
     """
-    if not text:
-        violations = FieldViolations()
-        violations.add(field, "required", reason="REQUIRED")
-        violations.raise_if_any()
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise not_found(text) from None
+    violations = FieldViolations()
+    parsed = refs.parse_uuid(text, field, violations)
+    violations.raise_if_any()
+    assert parsed is not None
+    return parsed
 
 
 async def lock_definitions(conn: DBConnection, app_id: str) -> None:
@@ -474,20 +470,26 @@ async def count(
 
 
 async def stream_members(
-    pool: asyncpg.Pool, app_id: str, segment_id: uuid.UUID
+    pool: asyncpg.Pool,
+    app_id: str,
+    segment_id: uuid.UUID,
+    *,
+    after_user_id: uuid.UUID | None = None,
 ) -> AsyncIterator[MemberRow]:
     """Every current member, in user id order, from one snapshot.
 
     The whole stream reads one REPEATABLE READ snapshot taken when it starts, paged by user id
     (keyset): each user who was a member at that moment comes exactly once, however long the
-    stream and whatever changes meanwhile; later changes show in the next call.
+    stream and whatever changes meanwhile; later changes show in the next call. With
+    ``after_user_id`` only members with a greater id come: a caller resumes by the last id it
+    handled, not by a count, which members joining or leaving meanwhile would shift.
 
     Raises:
         NotFound: ``SEGMENT_NOT_FOUND`` (before anything is streamed).
     """
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         await get_segment(conn, app_id, segment_id)
-        after: uuid.UUID | None = None
+        after = after_user_id
         while True:
             page = await segments_store.member_page(
                 conn, app_id, segment_id, after=after, limit=MEMBER_PAGE

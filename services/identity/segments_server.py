@@ -8,6 +8,7 @@ Every method needs a server key and works inside the caller's app.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -392,10 +393,19 @@ class SegmentsRpcs:
     async def ListSegmentMembers(
         self, request: segment_pb2.ListSegmentMembersRequest, context: _Context
     ) -> AsyncIterator[segment_pb2.SegmentMember]:
-        """Every member, from one snapshot taken when the stream starts, in user id order."""
+        """Every member (after ``after_user_id`` if set), from one snapshot taken when the
+        stream starts, in user id order."""
         caller = access.server_app()
-        segment_id = segments.parse_segment_id(request.segment_id)
-        async for member in segments.stream_members(self._ctx.pool, caller.app_id, segment_id):
+        violations = FieldViolations()
+        segment_id = refs.parse_uuid(request.segment_id, "segment_id", violations)
+        after: uuid.UUID | None = None
+        if request.after_user_id:
+            after = refs.parse_uuid(request.after_user_id, "after_user_id", violations)
+        violations.raise_if_any()
+        assert segment_id is not None
+        async for member in segments.stream_members(
+            self._ctx.pool, caller.app_id, segment_id, after_user_id=after
+        ):
             yield segment_pb2.SegmentMember(
                 user_id=str(member.user_id),
                 external_id=member.external_id or "",

@@ -62,6 +62,7 @@ from services.runtime.db import DBConnection
 from services.runtime.errors import (
     Aborted,
     AlreadyExists,
+    FieldViolation,
     FieldViolations,
     NotFound,
     PermissionDenied,
@@ -347,7 +348,11 @@ def parse_subscription_id(value: str, field: str = "subscription_id") -> uuid.UU
 
 
 def choose_evictions(
-    held: Sequence[Subscription], *, adding: int = 1, limit: int = MAX_SUBSCRIPTIONS_PER_USER
+    held: Sequence[Subscription],
+    *,
+    adding: int = 1,
+    limit: int = MAX_SUBSCRIPTIONS_PER_USER,
+    field: str = "user",
 ) -> list[Subscription]:
     """Which of a user's subscriptions to delete so that ``adding`` more fit under ``limit``.
 
@@ -357,6 +362,7 @@ def choose_evictions(
         held: The user's subscriptions, not counting the ones being added.
         adding: How many are being added.
         limit: The cap.
+        field: The request field that named the user, for the refusal.
 
     Returns:
         The subscriptions to evict (empty when there is room).
@@ -378,6 +384,9 @@ def choose_evictions(
             "(only push subscriptions are evicted to make room); delete one first",
             reason="SUBSCRIPTION_LIMIT_REACHED",
             metadata={"limit": str(limit)},
+            field_violations=[
+                FieldViolation(field, f"this user holds {limit} subscriptions, all addresses")
+            ],
         )
     return push[:excess]
 
@@ -787,6 +796,7 @@ async def create_subscription(
             raise AlreadyExists(
                 f"this {type_.value} address is already registered",
                 reason="SUBSCRIPTION_ALREADY_EXISTS",
+                field_violations=[FieldViolation("subscription.token", "already registered")],
             )
         current, users = await _locked(
             conn, app_id, existing.subscription_id, [] if target is None else [target]
@@ -855,6 +865,9 @@ async def update_subscription(
                 f"another subscription has this {current.type.value} token; register it with "
                 "CreateSubscription to move it",
                 reason="SUBSCRIPTION_TOKEN_TAKEN",
+                field_violations=[
+                    FieldViolation("subscription.token", "held by another subscription")
+                ],
             )
         await changes.publish(conn, move_facts(current, saved, at))
         return saved

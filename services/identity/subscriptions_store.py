@@ -521,12 +521,20 @@ _BIRTHDATE = ("birth_year", "birth_month", "birth_day")
 
 
 async def merge_profile(
-    conn: DBConnection, app_id: str, from_user_id: uuid.UUID, into_user_id: uuid.UUID, at: datetime
+    conn: DBConnection,
+    app_id: str,
+    from_user_id: uuid.UUID,
+    into_user_id: uuid.UUID,
+    at: datetime,
+    *,
+    max_attributes: int,
 ) -> list[str]:
     """Fill ``into``'s missing attributes from ``from`` (``into``'s values win).
 
     Standard attributes that are NULL on ``into`` take ``from``'s value (the birthdate as a
-    whole); custom attributes ``into`` lacks are added. Both rows must be locked.
+    whole); custom attributes ``into`` lacks are added while it holds fewer than
+    ``max_attributes``, in name order: the rest of ``from``'s are dropped (``into`` keeps all of
+    its own). Both rows must be locked.
 
     Returns:
         The names of the fields filled (``first_name``, ``birthdate``, ``attributes.plan``),
@@ -547,18 +555,28 @@ async def merge_profile(
         f"""
         WITH src AS (SELECT * FROM users WHERE app_id = $1 AND user_id = $2),
              old AS (SELECT * FROM users WHERE app_id = $1 AND user_id = $3),
+             added AS (
+                 SELECT coalesce(jsonb_object_agg(a.key, a.value), '{{}}'::jsonb) AS attributes,
+                        coalesce(array_agg('attributes.' || a.key), '{{}}'::text[]) AS fields
+                 FROM (
+                     SELECT s.key, s.value
+                     FROM src, old, jsonb_each(src.attributes) AS s
+                     WHERE NOT old.attributes ? s.key
+                     ORDER BY s.key
+                     LIMIT greatest(
+                         $5::int - (SELECT count(*) FROM old, jsonb_object_keys(old.attributes)),
+                         0
+                     )
+                 ) a
+             ),
              filled AS (
-                 SELECT array_remove(ARRAY[{", ".join(filled)}], NULL)
-                        || ARRAY(SELECT 'attributes.' || name
-                                 FROM jsonb_object_keys(src.attributes) AS name
-                                 WHERE NOT old.attributes ? name
-                                 ORDER BY name) AS fields
-                 FROM src, old
+                 SELECT array_remove(ARRAY[{", ".join(filled)}], NULL) || added.fields AS fields
+                 FROM src, old, added
              )
         UPDATE users k SET {", ".join(assignments)},
-            attributes = src.attributes || k.attributes,
+            attributes = k.attributes || added.attributes,
             update_time = CASE WHEN cardinality(filled.fields) > 0 THEN $4 ELSE k.update_time END
-        FROM src, filled
+        FROM src, filled, added
         WHERE k.app_id = $1 AND k.user_id = $3
         RETURNING filled.fields
         """,
@@ -566,6 +584,7 @@ async def merge_profile(
         from_user_id,
         into_user_id,
         at,
+        max_attributes,
     )
     fields = sorted(value or [])
     moved = [name[len("attributes.") :] for name in fields if name.startswith("attributes.")]

@@ -1225,6 +1225,7 @@ async def add_alias(
                 f"a user may have at most {MAX_ALIASES} aliases",
                 reason="ALIAS_LIMIT",
                 metadata={"limit": str(MAX_ALIASES)},
+                field_violations=_violation("alias", f"the user has {MAX_ALIASES} aliases"),
             )
         if not await users_store.insert_alias(conn, app_id, profile.user_id, alias, at):
             # Taken between our check and the insert (the insert waited for that commit).
@@ -1295,6 +1296,7 @@ async def create_customer_field(
             f"customer field {definition.name!r} is already defined",
             reason="CUSTOMER_FIELD_EXISTS",
             metadata={"name": definition.name},
+            field_violations=_violation("field.name", "already defined"),
         )
     return stored
 

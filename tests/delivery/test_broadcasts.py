@@ -9,9 +9,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 from tidings.delivery.v1 import broadcast_pb2, channel_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
+from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import segment_pb2, user_pb2
 
 from tests.delivery.sink import Sink
@@ -133,10 +135,7 @@ async def test_all_users_broadcast(harness: DeliveryHarness, sink: Sink) -> None
     )
 
 
-async def test_segment_broadcast(harness: DeliveryHarness, sink: Sink) -> None:
-    await harness.webhook_channel()
-    gold = [await harness.user(attributes={"plan": "gold"}) for _ in range(3)]
-    await harness.user(attributes={"plan": "free"})
+async def _gold_segment(harness: DeliveryHarness) -> segment_pb2.Segment:
     condition = segment_pb2.Condition(
         attribute=segment_pb2.AttributeCondition(
             field="attributes.plan",
@@ -144,12 +143,20 @@ async def test_segment_broadcast(harness: DeliveryHarness, sink: Sink) -> None:
             values=[user_pb2.AttributeValue(string_value="gold")],
         )
     )
-    segment = await harness.identity.CreateSegment(
+    segment: segment_pb2.Segment = await harness.identity.CreateSegment(
         segment_pb2.CreateSegmentRequest(
             segment=segment_pb2.Segment(display_name="gold", condition=condition)
         ),
         metadata=harness.server,
     )
+    return segment
+
+
+async def test_segment_broadcast(harness: DeliveryHarness, sink: Sink) -> None:
+    await harness.webhook_channel()
+    gold = [await harness.user(attributes={"plan": "gold"}) for _ in range(3)]
+    await harness.user(attributes={"plan": "free"})
+    segment = await _gold_segment(harness)
     created = await harness.delivery.Broadcast(
         dpb.BroadcastRequest(
             broadcast=_broadcast(sink, broadcast_pb2.Audience(segment_id=segment.segment_id))
@@ -161,6 +168,59 @@ async def test_segment_broadcast(harness: DeliveryHarness, sink: Sink) -> None:
     assert sorted(json.loads(r.body)["user"] for r in sink.received) == sorted(
         u.user_id for u in gold
     )
+
+
+async def test_resumed_segment_fan_out_starts_after_the_last_published_member(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    """A fan-out stopped after publishing the two lowest members resumes after the second's id,
+    though the lowest has left the segment since (resuming by count would skip the third)."""
+    await harness.webhook_channel()
+    gold = {
+        u.user_id: u for u in [await harness.user(attributes={"plan": "gold"}) for _ in range(5)]
+    }
+    segment = await _gold_segment(harness)
+    ids = sorted(gold)
+    await harness.identity.UpsertUser(
+        ipb.UpsertUserRequest(
+            ref=ext(gold[ids[0]].external_id),
+            user=user_pb2.User(attributes={"plan": user_pb2.AttributeValue(string_value="free")}),
+        ),
+        metadata=harness.server,
+    )
+    deadline = time.monotonic() + 30
+    while len(await _members(harness, segment.segment_id)) != 4:
+        assert time.monotonic() < deadline, "the lowest member did not leave"
+        await asyncio.sleep(0.1)
+    # The row as a fan-out that stopped after its first page (ids[0], ids[1]) leaves it.
+    broadcast_id = uuid.uuid4()
+    conn = await asyncpg.connect(harness.database_url)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO broadcasts (app_id, broadcast_id, display_name, audience, spec, state,
+                                    cursor, enqueued)
+            VALUES ($1, $2, 'resumed', $3, $4, 'fanning_out', $5, 2)
+            """,
+            harness.app.app_id,
+            broadcast_id,
+            broadcast_pb2.Audience(segment_id=segment.segment_id).SerializeToString(),
+            inline(WEBHOOK, webhook(f"{sink.url}/b", body=BODY)).SerializeToString(),
+            ids[1],
+        )
+    finally:
+        await conn.close()
+    done = await _wait_done(harness, str(broadcast_id), 3)
+    assert (done.state, done.enqueued_count, done.sent_count) == (B.STATE_ENQUEUED, 5, 3)
+    assert sorted(json.loads(r.body)["user"] for r in sink.received) == ids[2:]
+    assert sink.duplicates == 0
+
+
+async def _members(harness: DeliveryHarness, segment_id: str) -> list[str]:
+    call = harness.identity.ListSegmentMembers(
+        segment_pb2.ListSegmentMembersRequest(segment_id=segment_id), metadata=harness.server
+    )
+    return [member.user_id async for member in call]
 
 
 async def test_unknown_segment_fails_the_broadcast(harness: DeliveryHarness, sink: Sink) -> None:

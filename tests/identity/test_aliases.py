@@ -95,6 +95,7 @@ async def test_at_most_ten_aliases(identity_stub: IdentityServiceStub, app: AppK
         await _add(identity_stub, app, by_id(user.user_id), f"label_{i}", new_id())
     full = await failure(_add(identity_stub, app, by_id(user.user_id), "one_more", new_id()))
     assert (full.code, full.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ALIAS_LIMIT")
+    assert full.fields == ["alias"]
     got = await identity_stub.GetUser(
         pb.GetUserRequest(ref=by_id(user.user_id)), metadata=app.server
     )

@@ -75,6 +75,7 @@ async def test_define_and_list_fields(identity_stub: IdentityServiceStub, app: A
         grpc.StatusCode.ALREADY_EXISTS,
         "CUSTOMER_FIELD_EXISTS",
     )
+    assert duplicate.fields == ["field.name"]
 
 
 @pytest.mark.parametrize(

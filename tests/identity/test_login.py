@@ -252,6 +252,7 @@ async def test_two_identified_users_are_never_merged(identity_stub: Stub, app: T
         error = await failure(login(identity_stub, app, device.subscription_id, external_id))
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION
         assert error.reason == "USER_ALREADY_IDENTIFIED"
+        assert error.fields == ["external_id"]
     holder = await get_user(identity_stub, app, ext(first))
     assert [s.subscription_id for s in holder.subscriptions] == [device.subscription_id]
 
@@ -373,6 +374,7 @@ async def test_a_merge_into_a_user_full_of_addresses_is_refused(
     error = await failure(login(identity_stub, app, device.subscription_id, external_id))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.reason == "SUBSCRIPTION_LIMIT_REACHED"
+    assert error.fields == ["external_id"]
     # Nothing happened: the anonymous profile still holds the device.
     assert (await get_user(identity_stub, app, by_id(device.user_id))).external_id == ""
 
@@ -401,6 +403,31 @@ async def test_a_merge_moves_aliases_only_under_the_cap(identity_stub: Stub, app
     assert len(labels) == 10
     assert "first_alias" in labels
     assert "second_alias" not in labels
+
+
+async def test_a_merge_keeps_the_known_users_attributes_under_the_cap(
+    identity_stub: Stub, app: TestApp
+) -> None:
+    """60 + 60 distinct attributes: the known user keeps its 60 and takes the anonymous
+    profile's first 40 by name; the other 20 are dropped."""
+    external_id = crm_id()
+    own = {f"k_{i:02d}": user_pb2.AttributeValue(number_value=i) for i in range(60)}
+    await identity_stub.UpsertUser(
+        pb.UpsertUserRequest(ref=ext(external_id), user=user_pb2.User(attributes=own)),
+        metadata=app.server,
+    )
+    device = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    theirs = {f"a_{i:02d}": user_pb2.AttributeValue(number_value=i) for i in range(60)}
+    await identity_stub.UpsertUser(
+        pb.UpsertUserRequest(ref=by_id(device.user_id), user=user_pb2.User(attributes=theirs)),
+        metadata=app.server,
+    )
+    response = await login(identity_stub, app, device.subscription_id, external_id)
+    assert response.merged_user_id == device.user_id
+    user = await get_user(identity_stub, app, ext(external_id))
+    assert len(user.attributes) == 100
+    assert set(own) <= set(user.attributes)
+    assert set(user.attributes) - set(own) == {f"a_{i:02d}" for i in range(40)}
 
 
 # --- concurrency ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ maintainer (facts, history, Explain) in ``test_segments_membership.py``; time pa
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -31,6 +32,7 @@ from tests.identity.test_segments_support import (
     count,
     create_segment,
     event,
+    eventually,
     matching,
     member_external_ids,
     member_of,
@@ -435,10 +437,29 @@ async def test_empty_and_malformed_requests(identity_stub: Any, app: TestApp) ->
         found = await failure(call)
         assert found.code == grpc.StatusCode.INVALID_ARGUMENT, (field, found)
         assert field in found.fields, (field, found)
-    unknown = await failure(
+    malformed = await failure(
         identity_stub.GetSegment(sp.GetSegmentRequest(segment_id="nope"), metadata=app.server)
     )
-    assert unknown.code == grpc.StatusCode.NOT_FOUND
+    assert (malformed.code, malformed.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment_id"])
+    updated = await failure(
+        identity_stub.UpdateSegment(
+            sp.UpdateSegmentRequest(
+                segment=sp.Segment(segment_id="nope", display_name="renamed"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=app.server,
+        )
+    )
+    assert (updated.code, updated.fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["segment.segment_id"],
+    )
+    unknown = await failure(
+        identity_stub.GetSegment(
+            sp.GetSegmentRequest(segment_id=str(uuid.uuid4())), metadata=app.server
+        )
+    )
+    assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "SEGMENT_NOT_FOUND")
 
 
 # -- attribute operators -------------------------------------------------------------------------
@@ -715,6 +736,41 @@ async def test_members_stream_in_pages_from_one_snapshot(identity_stub: Any, app
     assert all(m.enter_time.seconds > 0 for m in streamed)
     # A new stream sees the change.
     assert len(await members(identity_stub, app, segment.segment_id)) == total - 300
+
+
+async def test_members_after_a_user_id_resume_by_id(identity_stub: Any, app: TestApp) -> None:
+    by_id = {}
+    for name in ("ana", "bob", "cyd", "dan", "eve"):
+        by_id[await upsert(identity_stub, app, name, {"plan": "gold"})] = name
+    segment = await create_segment(identity_stub, app, GOLD)
+    ids = [m.user_id for m in await members(identity_stub, app, segment.segment_id)]
+    assert ids == sorted(by_id)
+    for i, after in enumerate(ids):
+        after_it = await members(identity_stub, app, segment.segment_id, after)
+        assert [m.user_id for m in after_it] == ids[i + 1 :]
+    # The cursor need not be a member now (the last one handled may have left since).
+    lowest = ids[0]
+    await upsert(identity_stub, app, by_id[lowest], {"plan": "free"})
+    await eventually(
+        lambda: members(identity_stub, app, segment.segment_id),
+        lambda found: len(found) == 4,
+        what="the lowest member left",
+    )
+    after_it = await members(identity_stub, app, segment.segment_id, lowest)
+    assert [m.user_id for m in after_it] == ids[1:]
+
+
+async def test_members_after_a_malformed_user_id_is_refused(
+    identity_stub: Any, app: TestApp
+) -> None:
+    await upsert(identity_stub, app, "ana", {"plan": "gold"})
+    segment = await create_segment(identity_stub, app, GOLD)
+    found = await failure(members(identity_stub, app, segment.segment_id, "not-an-id"))
+    assert found.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert found.fields == ["after_user_id"]
+    both = await failure(members(identity_stub, app, "nope", "not-an-id"))
+    assert both.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(both.fields) == {"segment_id", "after_user_id"}
 
 
 # -- grpcurl (docs/segments.md) ------------------------------------------------------------------

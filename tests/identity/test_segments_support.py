@@ -105,10 +105,13 @@ async def create_segment(
     return segment
 
 
-async def members(stub: IdentityServiceAsyncStub, app: TestApp, segment_id: str) -> list[Any]:
-    """The streamed members of a segment."""
+async def members(
+    stub: IdentityServiceAsyncStub, app: TestApp, segment_id: str, after_user_id: str = ""
+) -> list[Any]:
+    """The streamed members of a segment (after a user id, if given)."""
     call = stub.ListSegmentMembers(
-        sp.ListSegmentMembersRequest(segment_id=segment_id), metadata=app.server
+        sp.ListSegmentMembersRequest(segment_id=segment_id, after_user_id=after_user_id),
+        metadata=app.server,
     )
     return [member async for member in call]
 

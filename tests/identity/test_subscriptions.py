@@ -391,6 +391,7 @@ async def test_an_address_registered_again_by_a_client_key_is_refused(
     )
     assert error.code == grpc.StatusCode.ALREADY_EXISTS
     assert error.reason == "SUBSCRIPTION_ALREADY_EXISTS"
+    assert error.fields == ["subscription.token"]
     assert first.subscription_id not in error.message
     # Case does not make it another address; a server key gets the existing one back.
     registration.token = registration.token.upper()
@@ -469,6 +470,7 @@ async def test_a_user_with_20_addresses_is_full(identity_stub: Stub, app: TestAp
         )
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.reason == "SUBSCRIPTION_LIMIT_REACHED"
+        assert error.fields == ["user"]
     # Moving one in is refused the same way, and the subscription stays where it was.
     elsewhere = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
     error = await failure(
@@ -477,7 +479,7 @@ async def test_a_user_with_20_addresses_is_full(identity_stub: Stub, app: TestAp
             metadata=app.server,
         )
     )
-    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (error.code, error.fields) == (grpc.StatusCode.RESOURCE_EXHAUSTED, ["user"])
     assert (await get(identity_stub, app, elsewhere.subscription_id)).user_id == elsewhere.user_id
 
 
@@ -604,6 +606,7 @@ async def test_a_token_rotates(identity_stub: Stub, app: TestApp, feed: ChangeFe
     )
     assert taken.code == grpc.StatusCode.ALREADY_EXISTS
     assert taken.reason == "SUBSCRIPTION_TOKEN_TAKEN"
+    assert taken.fields == ["subscription.token"]
 
 
 async def test_a_web_push_endpoint_changes_with_its_keys(identity_stub: Stub, app: TestApp) -> None:
