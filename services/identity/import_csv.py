@@ -8,11 +8,15 @@ header is line 1), which is what an editor shows next to a rejected row.
 * Decoding: UTF-8 (a leading byte order mark is dropped) or Latin-1, incrementally so a
   multi-byte character split between chunks is fine. Bytes that are not UTF-8 are kept as
   lone surrogates (``surrogateescape``) and the record they are in is marked
-  (:attr:`Record.bad_encoding`), so one bad row is refused, not the file.
+  (:attr:`Record.bad_encoding`), so one bad row is refused, not the file. "Latin-1" is read
+  as the files that claim it really are (Excel's "CSV" on Windows): Windows-1252, whose bytes
+  0x80-0x9F are the euro sign, curly quotes, dashes... rather than control characters; the
+  five it leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) stay Latin-1's.
 * Parsing: Python's ``csv`` module (RFC 4180: quoted fields may hold delimiters, quotes as
   ``""`` and line breaks), ``strict`` so a malformed quote is a refused row
   (:attr:`Record.error`) rather than silently merged text. Records end at ``\\n``, ``\\r\\n``
-  or ``\\r``. Blank lines are skipped.
+  or ``\\r``. Blank lines are skipped, and so are records whose cells are all empty or
+  spaces (``,,,,``: what spreadsheets write for the empty rows at the end of a sheet).
 * A record still open at the end of a chunk (a quoted field spanning chunks) waits for the
   next one; a record or a field longer than :data:`MAX_RECORD_CHARS` means an unclosed quote,
   and the file cannot be read past it (:class:`UnreadableFile`).
@@ -34,10 +38,20 @@ MAX_RECORD_CHARS = 1 << 20
 #: Most lines in a file (line numbers make ids: 32 bits of them).
 MAX_LINES = (1 << 32) - 1
 _SURROGATE = re.compile("[\udc80-\udcff]")
+#: The "latin-1" decoding table: Windows-1252 where it defines a byte, Latin-1 elsewhere.
+_LATIN1_TABLE = "".join(
+    bytes([byte]).decode("cp1252", errors="ignore") or chr(byte) for byte in range(256)
+)
 _END_OF_DATA = "unexpected end of data"
 _FIELD_LIMIT = "field larger than field limit"
 # The csv module's limit is process-wide (128 KiB by default): one record's limit for all.
 csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_CHARS))
+
+
+def _has_value(cells: list[str]) -> bool:
+    """Whether a record is a row: not a blank line, nor only delimiters and spaces."""
+    # Stops at the first cell with a value: one call for almost every row.
+    return any(map(str.strip, cells))
 
 
 class UnreadableFile(Exception):
@@ -62,18 +76,29 @@ class Record:
     bad_encoding: bool = False
 
 
+class _Latin1Decoder:
+    """Decodes :data:`_LATIN1_TABLE`'s way: a byte is a character, so no state is kept."""
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        return codecs.charmap_decode(data, "strict", _LATIN1_TABLE)[0]
+
+
 class CsvStream:
     """Incremental CSV reader.
 
     Args:
-        encoding: ``utf-8`` or ``latin-1``.
+        encoding: ``utf-8`` or ``latin-1`` (read as Windows-1252, see the module's notes).
         delimiter: Field delimiter.
         quote: Quote character.
     """
 
     def __init__(self, *, encoding: str, delimiter: str, quote: str) -> None:
-        self._decoder = codecs.getincrementaldecoder(encoding)(errors="surrogateescape")
         self._utf8 = encoding == "utf-8"
+        self._decoder = (
+            codecs.getincrementaldecoder(encoding)(errors="surrogateescape")
+            if self._utf8
+            else _Latin1Decoder()
+        )
         self._dialect = {
             "delimiter": delimiter,
             "quotechar": quote,
@@ -142,9 +167,9 @@ class CsvStream:
             return [
                 Record(base + n, cells, bad_encoding=any(map(_SURROGATE.search, cells)))
                 for n, cells in enumerate(rows, 1)
-                if cells
+                if _has_value(cells)
             ]
-        return [Record(base + n, cells) for n, cells in enumerate(rows, 1) if cells]
+        return [Record(base + n, cells) for n, cells in enumerate(rows, 1) if _has_value(cells)]
 
     def _check_pending(self) -> None:
         if self._lines_done > MAX_LINES:
@@ -191,8 +216,8 @@ class CsvStream:
                 continue
             line = base + done + 1
             done = reader.line_num
-            if not cells:
-                continue  # a blank line
+            if not _has_value(cells):
+                continue  # a blank line, or only delimiters
             bad = suspect and any(_SURROGATE.search(cell) for cell in cells)
             yield Record(line=line, cells=cells, bad_encoding=bad)
         self._lines_done = base + done

@@ -254,10 +254,12 @@ def check_options(spec: ImportSpec) -> ImportSpec:
             reason="TOO_MANY_COLUMNS",
         )
     seen: dict[str, str] = {}
-    headers: dict[str, int] = {}
+    headers: dict[tuple[str, bool], int] = {}
     for index, column in enumerate(spec.columns):
         _check_column(index, column, seen, v)
-        first = headers.setdefault(column.column, index)
+        # A header may feed one profile value and one subscription (an email column is both
+        # the profile's email and an EMAIL subscription), not two of either.
+        first = headers.setdefault((column.column, column.target == "subscription"), index)
         if first != index:
             v.add(
                 f"options.columns[{index}].column",

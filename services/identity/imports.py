@@ -16,10 +16,12 @@ How an import runs (:func:`run_import`):
 
 Interruptions: the import runs on a database connection of its own that holds an advisory
 lock for the job. If the upload breaks off (client gone, bad file) the job is marked FAILED at
-once; if the process dies, its connection closes, the merge's transaction (if any) rolls back,
-and the lock is released: :func:`recover_orphaned_jobs` (at start-up and every
-:data:`ORPHAN_CHECK_SECONDS`, on any replica) marks such jobs FAILED. Either way nothing is
-half-applied, and uploading the file again gives the state a single upload would have.
+once. Once the file is in, the merge runs in a task the call's cancellation does not reach, so
+a client gone while the job is APPLYING leaves it to finish. If the process stops or dies, its
+connection closes, the merge's transaction (if any) rolls back, and the lock is released:
+:func:`recover_orphaned_jobs` (at start-up and every :data:`ORPHAN_CHECK_SECONDS`, on any
+replica) marks such jobs FAILED. Either way nothing is half-applied, and uploading the file
+again gives the state a single upload would have.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ _DEFAULT_PAGE_SIZE = 100
 _MAX_PAGE_SIZE = 1_000
 
 _running = 0
+#: Merges under way (referenced: one whose caller went away is awaited by nobody).
+_merging: set[asyncio.Task[None]] = set()
 
 
 @dataclass(slots=True)
@@ -153,6 +157,10 @@ async def run_import(
 ) -> ImportJob:
     """Run one import from its options and the file's bytes.
 
+    Once the whole file is in, the merge runs in a task of its own that the call's
+    cancellation does not reach: a client that goes away while the job is APPLYING does not
+    throw the received file away (GetImportJob shows how it ended).
+
     Args:
         ctx: The service (settings for the import's own connection, the pool, the clock).
         app_id: The caller's app.
@@ -181,19 +189,34 @@ async def run_import(
             reason="TOO_MANY_IMPORTS",
         )
     _running += 1
+    merging: asyncio.Task[None] | None = None
     try:
         conn = await imports_store.connect(ctx.settings.database_url)
         try:
-            return await _run(ctx, conn, app_id, spec, options_json, chunks)
+            received = await _run(ctx, conn, app_id, spec, options_json, chunks)
+            if received is not None:
+                # From here the merge owns the connection and the slot.
+                merging = asyncio.create_task(_apply(ctx, conn, app_id, spec, received))
         finally:
-            # Closing the session releases the job's lock and drops its temporary tables.
-            try:
-                await asyncio.wait_for(conn.close(), 5.0)
-            except BaseException:
-                conn.terminate()
-                raise
+            if merging is None:
+                await _close(conn)
     finally:
-        _running -= 1
+        if merging is None:
+            _running -= 1
+    if merging is not None:
+        _merging.add(merging)  # a task nobody awaits must be referenced to run to its end
+        merging.add_done_callback(_merging.discard)
+        await asyncio.shield(merging)
+    return await get_job(ctx, app_id, spec.import_id)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    # Closing the session releases the job's lock and drops its temporary tables.
+    try:
+        await asyncio.wait_for(conn.close(), 5.0)
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _run(
@@ -203,7 +226,8 @@ async def _run(
     spec: ImportSpec,
     options_json: dict[str, Any],
     chunks: AsyncIterator[bytes],
-) -> ImportJob:
+) -> _Received | None:
+    """Record the job and receive the file; None when the job FAILED meanwhile."""
     import_id = spec.import_id
     lock_key = _lock_key()
     # The lock first: from the moment the job exists, its lock shows it is alive.
@@ -219,7 +243,7 @@ async def _run(
             field_violations=[FieldViolation("options.import_id", "used by an earlier import")],
         )
     try:
-        await _receive_and_merge(ctx, conn, app_id, spec, chunks)
+        return await _receive(ctx, conn, app_id, spec, chunks)
     except UnreadableFile as exc:
         await _fail(ctx, app_id, import_id, str(exc))
     except _Failed as failed:
@@ -234,7 +258,49 @@ async def _run(
                 _fail(ctx, app_id, import_id, "the upload broke off; upload the file again")
             )
         raise
-    return await get_job(ctx, app_id, import_id)
+    return None
+
+
+async def _apply(
+    ctx: ServiceContext,
+    conn: asyncpg.Connection,
+    app_id: str,
+    spec: ImportSpec,
+    received: _Received,
+) -> None:
+    """The merge of a received file, then the connection closed and the slot freed."""
+    global _running
+    import_id = spec.import_id
+    try:
+        await _merge(ctx, conn, app_id, spec, received)
+    except _Failed as failed:
+        await _fail(ctx, app_id, import_id, failed.error)
+    except DomainError as exc:
+        await _fail(ctx, app_id, import_id, exc.message)
+        raise
+    except asyncio.CancelledError:
+        # Only the process stopping cancels a merge. If the pool is gone already, the orphan
+        # check of the next process records the same.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_fail(ctx, app_id, import_id, INTERRUPTED))
+        raise
+    except Exception:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                _fail(
+                    ctx,
+                    app_id,
+                    import_id,
+                    "the merge failed (an internal error); nothing was written: "
+                    "upload the file again",
+                )
+            )
+        raise
+    finally:
+        try:
+            await _close(conn)
+        finally:
+            _running -= 1
 
 
 class _Failed(Exception):
@@ -248,13 +314,23 @@ async def _fail(ctx: ServiceContext, app_id: str, import_id: str, error: str) ->
         await imports_store.fail_job(pool_conn, app_id, import_id, error, ctx.clock())
 
 
-async def _receive_and_merge(
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A file received into the session's staging table."""
+
+    staging: Staging
+    sealed: frozenset[str]
+    progress: _Progress
+    seconds: float
+
+
+async def _receive(
     ctx: ServiceContext,
     conn: asyncpg.Connection,
     app_id: str,
     spec: ImportSpec,
     chunks: AsyncIterator[bytes],
-) -> MergeCounts:
+) -> _Received:
     layout = StagingLayout.of(spec)
     assert spec.id_kind is not None  # checked
     sealed = await _pii_columns(conn, app_id, layout)
@@ -270,7 +346,19 @@ async def _receive_and_merge(
     receiver = _Receiver(ctx, conn, app_id, spec, staging, progress)
     started = time.monotonic()
     await receiver.receive(chunks)
-    received = time.monotonic()
+    return _Received(staging, sealed, progress, time.monotonic() - started)
+
+
+async def _merge(
+    ctx: ServiceContext,
+    conn: asyncpg.Connection,
+    app_id: str,
+    spec: ImportSpec,
+    received: _Received,
+) -> MergeCounts:
+    staging, sealed, progress = received.staging, received.sealed, received.progress
+    layout = staging.layout
+    started = time.monotonic()
     async with ctx.pool.acquire() as pool_conn:
         await imports_store.set_applying(pool_conn, app_id, spec.import_id)
     await conn.execute(f"ANALYZE {imports_store.STAGING}")
@@ -285,7 +373,9 @@ async def _receive_and_merge(
                     alias_label=spec.alias_label,
                     mode=spec.mode,  # type: ignore[arg-type]  # checked
                     clear=spec.empty_cells_clear,
-                    verdicts=await _attribute_verdicts(conn, app_id, layout, at),
+                    verdicts=await _attribute_verdicts(
+                        conn, app_id, layout, at, dry_run=spec.dry_run
+                    ),
                     at=at,
                 )
                 if await _pii_columns(conn, app_id, layout) != sealed:
@@ -317,8 +407,8 @@ async def _receive_and_merge(
                 "import %s: %d rows received in %.2f s, merged in %.2f s",
                 spec.import_id,
                 progress.rows,
-                received - started,
-                time.monotonic() - received,
+                received.seconds,
+                time.monotonic() - started,
                 extra={"import_id": spec.import_id, "app_id": app_id, "rows": progress.rows},
             )
             return total
@@ -347,13 +437,20 @@ async def _pii_columns(
 
 
 async def _attribute_verdicts(
-    conn: asyncpg.Connection, app_id: str, layout: StagingLayout, at: datetime
+    conn: asyncpg.Connection,
+    app_id: str,
+    layout: StagingLayout,
+    at: datetime,
+    *,
+    dry_run: bool = False,
 ) -> dict[str, ColumnVerdict]:
     """Attribute columns whose values are refused, by staging column name.
 
     An undefined attribute is defined from its column's type when the app auto-defines (and
     the column holds a value), as a first write through the API would; otherwise its values
-    are refused (UNDEFINED_FIELD). A defined one of another type: FIELD_TYPE_MISMATCH.
+    are refused (UNDEFINED_FIELD). A defined one of another type: FIELD_TYPE_MISMATCH. A dry
+    run only supposes the definitions (a field's type never changes once defined, so a
+    preview must not define one).
     """
     columns = layout.attributes
     if not columns:
@@ -365,19 +462,16 @@ async def _attribute_verdicts(
         settings = await apps_store.get_app_settings(conn, app_id)
         if settings.undefined_fields != "reject":
             used = await imports_store.attribute_columns_used(conn, layout)
-            await imports_store.insert_auto_fields(
-                conn,
-                app_id,
-                [
-                    CustomerField(
-                        c.attribute or "", imports_store.field_type_of(c), auto_defined=True
-                    )
-                    for c in undefined
-                    if c.name in used
-                ],
-                at,
-            )
-            defined = await users_store.customer_fields(conn, app_id, names)
+            auto = [
+                CustomerField(c.attribute or "", imports_store.field_type_of(c), auto_defined=True)
+                for c in undefined
+                if c.name in used
+            ]
+            if dry_run:
+                defined.update((field.name, field) for field in auto)
+            else:
+                await imports_store.insert_auto_fields(conn, app_id, auto, at)
+                defined = await users_store.customer_fields(conn, app_id, names)
     verdicts: dict[str, ColumnVerdict] = {}
     for column in columns:
         field = defined.get(column.attribute or "")

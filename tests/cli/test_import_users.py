@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tidings.identity.v1 import segment_pb2
+from tidings.identity.v1 import subscription_pb2 as spb
 from tidings.identity.v1.identity_service_pb2 import ListUsersRequest
 
 from tests.e2e.processes import PYTHON, ROOT, ServiceProcess, ToolResult
@@ -227,3 +228,47 @@ async def test_the_cli_dry_run_prints_the_counts_and_writes_nothing(
     assert "dry run" not in applied.stdout
     assert "created 3," in applied.stdout
     assert (await user(identity_stub, app, ids[2])).first_name == "Name 2"
+
+
+async def test_the_readme_example_maps_one_email_column_to_the_profile_and_a_subscription(
+    identity_process: ServiceProcess,
+    identity_stub: IdentityServiceAsyncStub,
+    app: TestApp,
+    tmp_path: Path,
+) -> None:
+    customer = new_id()
+    source = tmp_path / "customers.csv"
+    source.write_text(
+        f"customer_id,email,phone,plan\n{customer},Ana@Example.com,+34600111222,gold\n",
+        encoding="utf-8",
+    )
+    # README.md's command, as written there.
+    result = await _cli(
+        identity_process,
+        app.server_key,
+        str(source),
+        "--id-column",
+        "customer_id",
+        "--column",
+        "email=email",
+        "--column",
+        "phone=phone",
+        "--attribute",
+        "plan:string",
+        "--subscription",
+        "email:email",
+        "--list-name",
+        f"Spring {new_id()}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SUCCEEDED" in result.stdout
+    assert "rows 1: created 1, updated 0, unchanged 0, rejected 0" in result.stdout
+    got = await user(identity_stub, app, customer)
+    assert (got.email, got.phone, got.attributes["plan"].string_value) == (
+        "Ana@example.com",
+        "+34600111222",
+        "gold",
+    )
+    assert [(s.type, s.token) for s in got.subscriptions] == [
+        (spb.SUBSCRIPTION_TYPE_EMAIL, "ana@example.com")
+    ]

@@ -388,6 +388,26 @@ async def test_delimiter_quote_bom_and_latin1(
     assert (await user(identity_stub, app, b)).first_name == "José Müller"
 
 
+async def test_latin1_is_read_as_excel_writes_it_windows_1252(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    key = new_id()
+    data = f"id,last_name\r\n{key},".encode() + b"O\x92Brien \x80\r\n"
+    opts = options(standard("last_name"), encoding=Options.ENCODING_LATIN1)
+    job = await _ok(identity_stub, app, opts, data)
+    assert (job.created, job.rejected) == (1, 0)
+    assert (await user(identity_stub, app, key)).last_name == "O\u2019Brien \u20ac"
+
+
+async def test_rows_of_delimiters_only_are_not_rows(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    key = new_id()
+    data = f"id,first_name,email\r\n{key},Ana,\r\n,,\r\n,,\r\n , ,\r\n".encode()
+    job = await _ok(identity_stub, app, options(standard("first_name"), standard("email")), data)
+    assert (job.rows, job.created, job.rejected) == (1, 1, 0)
+
+
 # -- subscriptions -------------------------------------------------------------------------------
 
 
@@ -458,6 +478,21 @@ async def test_a_push_token_held_by_someone_else_moves_to_the_imported_user(
     assert list(facts[-1].changed_fields) == ["user_id"]
     [removed] = await feed.wait_for(Kind.KIND_SUBSCRIPTION_REMOVED, sub.subscription_id)
     assert removed.user_id == sub.user_id
+
+
+async def test_a_token_two_rows_name_goes_to_the_first_and_the_second_row_still_lands(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    first, second = new_id(), new_id()
+    shared = email()
+    opts = options(standard("email"), subscription("email", EMAIL))
+    rows = [["id", "email"], [first, shared], [second, shared]]
+    job = await _ok(identity_stub, app, opts, csv_bytes(rows))
+    # Documented: the later row is counted as what its profile part did, with no rejection.
+    assert (job.rows, job.created, job.rejected, list(job.rejections)) == (2, 2, 0, [])
+    assert [x.token for x in (await user(identity_stub, app, first)).subscriptions] == [shared]
+    later = await user(identity_stub, app, second)
+    assert (later.email, list(later.subscriptions)) == (shared, [])
 
 
 # -- erasure ---------------------------------------------------------------------------------------
@@ -752,6 +787,37 @@ async def test_a_dry_run_counts_and_rejects_like_the_import_and_writes_nothing(
         1,
     )
     assert (await user(identity_stub, app, new)).first_name == "Cy"
+
+
+async def test_a_dry_run_defines_no_customer_field(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    name, key = "tier", new_id()
+    preview = await _ok(
+        identity_stub,
+        app,
+        options(attribute("tier", NUMBER, name=name), dry_run=True),
+        csv_bytes([["id", "tier"], [key, "3"]]),
+    )
+    assert (preview.created, preview.rejected) == (1, 0)
+    fields = await identity_stub.ListCustomerFields(
+        pb.ListCustomerFieldsRequest(), metadata=app.server
+    )
+    assert name not in {f.name for f in fields.fields}
+    # The preview's guess at the type binds nothing: the real import defines the field.
+    applied = await _ok(
+        identity_stub,
+        app,
+        options(attribute("tier", STRING, name=name)),
+        csv_bytes([["id", "tier"], [key, "gold"]]),
+    )
+    assert (applied.created, applied.rejected) == (1, 0)
+    assert (await user(identity_stub, app, key)).attributes[name].string_value == "gold"
+    fields = await identity_stub.ListCustomerFields(
+        pb.ListCustomerFieldsRequest(), metadata=app.server
+    )
+    types = {f.name: f.type for f in fields.fields}
+    assert types[name] == customer_field_pb2.FIELD_TYPE_STRING
 
 
 # -- bad requests ----------------------------------------------------------------------------------

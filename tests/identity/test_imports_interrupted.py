@@ -1,9 +1,9 @@
-"""Imports interrupted by the death of the identity process: nothing half-applied, job FAILED.
+"""Interrupted imports: a client gone during the merge, the identity process killed.
 
-Each test runs its own identity process on a scratch database and SIGKILLs it mid-upload or
-mid-merge, starts another on the same database, and checks that the job ends FAILED (the new
-process finds it orphaned: its lock is free), that no row of it was written, and that uploading
-the same file again gives the state one upload gives, without duplicates.
+The process tests run their own identity process on a scratch database and SIGKILL it
+mid-upload or mid-merge, start another on the same database, and check that the job ends FAILED
+(the new process finds it orphaned: its lock is free), that no row of it was written, and that
+uploading the same file again gives the state one upload gives, without duplicates.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def _options(import_id: str) -> import_pb2.ImportOptions:
     return options(standard("email"), attribute("score", NUMBER), import_id=import_id)
 
 
-async def _identity(dsn: str, log_dir: Path) -> ServiceProcess:
-    service = await start_service("identity", database_url=dsn, log_dir=log_dir)
+async def _identity(dsn: str, log_dir: Path, env: dict[str, str] | None = None) -> ServiceProcess:
+    service = await start_service("identity", database_url=dsn, log_dir=log_dir, env=env)
     await service.wait_serving()
     return service
 
@@ -178,3 +178,52 @@ async def test_a_process_killed_mid_merge_writes_nothing(tmp_path: Path) -> None
         finally:
             await service.kill()
         await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)
+
+
+async def test_a_client_gone_while_the_import_applies_does_not_stop_the_merge(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    data = _file(new_id())
+    import_id = f"left-{new_id()}"
+    call = identity_stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
+    await _wait_job(identity_stub, app, import_id, Job.STATE_APPLYING, within=60)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    job = await _wait_job(identity_stub, app, import_id, Job.STATE_SUCCEEDED, within=60)
+    assert (job.rows, job.created, job.rejected, job.error) == (ROWS, ROWS, 0, "")
+    assert await _count_users(identity_stub, app) == ROWS
+
+
+async def test_a_service_stopping_mid_merge_exits_and_leaves_the_import_whole_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    data = _file(new_id())
+    import_id = f"stop-{new_id()}"
+    async with temporary_database() as dsn:
+        # No grace: the call is cancelled at once and the merge, out of the call's reach, is
+        # abandoned as the process ends; it must not keep the process alive.
+        service = await _identity(dsn, tmp_path, {"TIDINGS_SHUTDOWN_GRACE_SECONDS": "0"})
+        try:
+            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
+                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
+                call = stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
+                await _wait_job(stub, app, import_id, Job.STATE_APPLYING, within=60)
+                assert await service.stop(within=20) == 0
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call
+        finally:
+            await service.kill()
+        service = await _identity(dsn, tmp_path)
+        try:
+            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+                stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
+                job = await _job(stub, app, import_id)
+                if job.state != Job.STATE_SUCCEEDED:  # the merge may have won the race
+                    job = await _wait_job(stub, app, import_id, Job.STATE_FAILED)
+                    assert "upload the file again" in job.error
+                expected = ROWS if job.state == Job.STATE_SUCCEEDED else 0
+                assert await _count_users(stub, app) == expected
+        finally:
+            await service.stop()

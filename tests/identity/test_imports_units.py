@@ -18,6 +18,7 @@ from services.identity.import_options import (
     check_options,
 )
 from services.identity.import_rows import RowChecker, _moment_reader, _parse_moment, _stored_moment
+from services.identity.subscriptions_store import SubscriptionType
 from services.identity.users_store import format_timestamp
 from services.runtime.errors import InvalidArgument
 
@@ -70,10 +71,24 @@ def test_bad_bytes_mark_their_record_and_bad_quotes_are_an_error_record() -> Non
     assert "not closed" in records[-1].error
 
 
-def test_latin1_reads_every_byte() -> None:
-    [_header, row] = _read("id,n\n1,Müller\x85\n".encode("latin-1"), 2, encoding="latin-1")
-    assert row.cells == ["1", "Müller\x85"]
+def test_latin1_reads_every_byte_as_windows_1252_where_it_defines_it() -> None:
+    data = b"id,n\n1,M\xfcller\x85 O\x92Brien \x80\x81\x8d\x8f\x90\x9d\n"
+    [_header, row] = _read(data, 2, encoding="latin-1")
+    assert row.cells == ["1", "M\u00fcller\u2026 O\u2019Brien \u20ac\x81\x8d\x8f\x90\x9d"]
     assert not row.bad_encoding
+
+
+def test_rows_of_delimiters_only_are_skipped_like_blank_lines() -> None:
+    # The quoted line break makes the block go record by record: both readers skip them.
+    data = b'id,a,b\n1,x,\n,,\n , ,\n\n2,"y\nz",\n,,\n"",""," "\n'
+    for chunk in (1, 3, 4096):
+        records = _read(data, chunk)
+        assert [(r.line, r.cells) for r in records] == [
+            (1, ["id", "a", "b"]),
+            (2, ["1", "x", ""]),
+            (6, ["2", "y\nz", ""]),
+        ]
+    assert [r.line for r in _read(b"id,a\n,,\n1,x\n", 4096)] == [1, 3]
 
 
 def test_an_unclosed_quote_cannot_swallow_more_than_a_record_limit() -> None:
@@ -206,3 +221,12 @@ def test_options_are_checked_field_by_field() -> None:
     twice = ColumnSpec("a", target="attribute", attribute="plan", kind=AttributeKind.STRING)
     again = ColumnSpec("b", target="attribute", attribute="plan", kind=AttributeKind.NUMBER)
     assert _fields(_spec(columns=(twice, again))) == ["options.columns[1]"]
+
+
+def test_one_header_may_feed_a_profile_value_and_a_subscription_not_two_of_either() -> None:
+    field = ColumnSpec("email", target="standard", standard="email")
+    sub = ColumnSpec("email", target="subscription", subscription=SubscriptionType.EMAIL)
+    assert len(check_options(_spec(columns=(field, sub))).columns) == 2
+    other = ColumnSpec("email", target="attribute", attribute="mail", kind=AttributeKind.STRING)
+    assert _fields(_spec(columns=(field, sub, other))) == ["options.columns[2].column"]
+    assert _fields(_spec(columns=(sub, field, sub))) == ["options.columns[2].column"]
