@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tidings.identity.v1 import user_pb2
 
 from services.journey import schedule
-from services.journey.engine import _entry_time
+from services.journey.engine import BUSY, _entry_time, journey_states
 from services.journey.entries import ENTERED, Candidate, enter
 from services.journey.peers import PeerRefused, PeerUnavailable
 from services.runtime.app import ServiceContext
@@ -112,6 +112,10 @@ async def upsert_birthday_timers(
     )
 
 
+class _Busy(Exception):
+    """The journey's row is held by a lifecycle change: try the job again later."""
+
+
 class AudienceLoader:
     """Works through audience jobs."""
 
@@ -187,6 +191,11 @@ class AudienceLoader:
             if page is None:
                 return False
             app_id, journey_id, version = page["app_id"], page["journey_id"], page["version"]
+            # Holding a page Stop deletes: never wait for the journey's row (a Stop holding it
+            # would wait for the page); the page is taken again after that change commits.
+            states = await journey_states(conn, {(app_id, journey_id)}, skip_locked=True)
+            if states[(app_id, journey_id)] == BUSY:
+                return False
             outcomes = await enter(
                 conn,
                 app_id,
@@ -256,7 +265,7 @@ class AudienceLoader:
                 # All contacts need only who they are; birthdays need the birthdate and zone.
                 ids_only = job["kind"] != "birthday"
                 users, next_token = await self._page(app_id, job["page_token"], ids_only)
-            except (PeerUnavailable, PeerRefused) as exc:
+            except (PeerUnavailable, PeerRefused, _Busy) as exc:
                 await self._later(conn, job, now, str(exc))
                 return False
             if job["kind"] == "birthday":
@@ -296,6 +305,11 @@ class AudienceLoader:
             if not batch:
                 return
             async with pool.acquire() as conn, conn.transaction():
+                # The caller holds the job row Stop updates: waiting here for a Stop holding the
+                # journey's row would wait for ourselves (unseen by PostgreSQL, two connections).
+                states = await journey_states(conn, {(app_id, journey_id)}, skip_locked=True)
+                if states[(app_id, journey_id)] == BUSY:
+                    raise _Busy("the journey is being changed")
                 outcomes = await enter(
                     conn,
                     app_id,

@@ -8,7 +8,8 @@ so a redelivered record has no second effect:
   node's goal event with the same correlation value as their entry event) is woken towards the
   matching output; then active journeys whose entry is this event enter the customer (trigger
   id = the event id). Waits and goals are resolved before entries, so an event never converts
-  the visit it starts.
+  the visit it starts; a user's events take effect in their order, even in one batch (an
+  ``add_to_cart`` enters before the ``purchase`` after it is matched).
 * **changes**: a deleted user is forgotten by every journey (GDPR); ``segment entered`` facts
   enter segment journeys (trigger id = the fact's id); created or updated profiles refresh the
   customer's birthday entry timers.
@@ -113,51 +114,59 @@ class EventsHandler:
         self._ctx = ctx
 
     async def handle(self, records: Sequence[Record[TrackedEvent]]) -> None:
-        """Apply a batch (idempotent)."""
+        """Apply a batch (idempotent), each user's events in their order."""
         apps = await _live_apps(self._runtime)
         events = [r.value for r in records if r.value.app_id in apps and _uuid(r.value.user_id)]
         if not events:
             return
-        catalog = self._runtime.catalog
-        live = await catalog.live()
+        live = await self._runtime.catalog.live()
         now = self._ctx.clock()
         async with self._ctx.pool.acquire() as conn, conn.transaction():
             fresh = await claim_new(conn, "journey.events", [e.event_id for e in events])
             events = [e for e in events if e.event_id in fresh]
-            if not events:
-                return
-            pairs = sorted({(e.app_id, uuid.UUID(e.user_id)) for e in events})
-            inside = await instances_store.lock_inside_of_users(conn, pairs)
-            states = await journey_states(conn, {(i.app_id, i.journey_id) for i in inside})
-            by_user: dict[tuple[str, uuid.UUID], list[Instance]] = {}
-            for inst in inside:
-                by_user.setdefault((inst.app_id, inst.user_id), []).append(inst)
-            changed: dict[tuple[uuid.UUID, uuid.UUID], Instance] = {}
-            steps: list[StepRow] = []
-            for event in events:
-                properties = struct_dict(event.properties)
-                for inst in by_user.get((event.app_id, uuid.UUID(event.user_id)), []):
-                    if not inst.inside:
-                        continue
-                    definition = await catalog.definition(
-                        inst.app_id, inst.journey_id, inst.version
-                    )
-                    paused = states.get((inst.app_id, inst.journey_id)) == "paused"
-                    if _is_goal(definition, event.name, properties, now):
-                        steps.append(_close(inst, "(goal)", now))
-                        inst.status, inst.exit_time = "converted", now
-                        inst.wake_at = inst.parked_wake_at = None
-                        inst.waiting_for, inst.pending_output = "", ""
-                        changed[(inst.journey_id, inst.user_id)] = inst
-                        continue
-                    output = _awaited(definition, inst, event.name, properties, now)
-                    if output:
-                        _wake(inst, output, now, paused)
-                        changed[(inst.journey_id, inst.user_id)] = inst
-            await instances_store.save_instances(conn, list(changed.values()))
-            await instances_store.upsert_steps(conn, steps)
-            await self._enter(conn, events, live, now)
+            for round_events in _rounds(events, _entry_events(live)):
+                await self._resolve(conn, round_events, now)
+                await self._enter(conn, round_events, live, now)
         self._runtime.engine.nudge()
+
+    async def _resolve(
+        self, conn: DBConnection, events: Sequence[TrackedEvent], now: datetime
+    ) -> None:
+        """Goals and waits of the customers these events' users are inside, in event order."""
+        catalog = self._runtime.catalog
+        pairs = sorted({(e.app_id, uuid.UUID(e.user_id)) for e in events})
+        # The journeys' rows before the customers' rows, the order Pause/Stop/Put lock in: the
+        # other way round, each would wait for the other.
+        states = await journey_states(conn, await instances_store.journeys_of_users(conn, pairs))
+        inside = await instances_store.lock_inside_of_users(conn, pairs)
+        late = {(i.app_id, i.journey_id) for i in inside} - states.keys()
+        if late:  # entered between the two reads (rare): lock those journeys now
+            states.update(await journey_states(conn, late))
+        by_user: dict[tuple[str, uuid.UUID], list[Instance]] = {}
+        for inst in inside:
+            by_user.setdefault((inst.app_id, inst.user_id), []).append(inst)
+        changed: dict[tuple[uuid.UUID, uuid.UUID], Instance] = {}
+        steps: list[StepRow] = []
+        for event in events:
+            properties = struct_dict(event.properties)
+            for inst in by_user.get((event.app_id, uuid.UUID(event.user_id)), []):
+                if not inst.inside:
+                    continue
+                definition = await catalog.definition(inst.app_id, inst.journey_id, inst.version)
+                paused = states.get((inst.app_id, inst.journey_id)) == "paused"
+                if _is_goal(definition, event.name, properties, now):
+                    steps.append(_close(inst, "(goal)", now))
+                    inst.status, inst.exit_time = "converted", now
+                    inst.wake_at = inst.parked_wake_at = None
+                    inst.waiting_for, inst.pending_output = "", ""
+                    changed[(inst.journey_id, inst.user_id)] = inst
+                    continue
+                output = _awaited(definition, inst, event.name, properties, now)
+                if output:
+                    _wake(inst, output, now, paused)
+                    changed[(inst.journey_id, inst.user_id)] = inst
+        await instances_store.save_instances(conn, list(changed.values()))
+        await instances_store.upsert_steps(conn, steps)
 
     async def _enter(
         self,
@@ -191,6 +200,39 @@ class EventsHandler:
                 now,
                 stepper=self._runtime.engine.step_entered,
             )
+
+
+def _entry_events(live: dict[Any, Any]) -> set[tuple[str, str]]:
+    """(app, event name) of every active journey entered on a custom event."""
+    return {
+        (app_id, journey.definition.entry.event.name)
+        for (app_id, _), journey in live.items()
+        if journey.state == "active" and journey.definition.entry.WhichOneof("kind") == "event"
+    }
+
+
+def _rounds(
+    events: Sequence[TrackedEvent], entering: set[tuple[str, str]]
+) -> list[list[TrackedEvent]]:
+    """The batch cut so that each user's events take effect in their order.
+
+    A user's events are cut after each one that may enter a journey: what follows it (a
+    ``purchase`` after the ``add_to_cart`` that started a retargeting visit) must find the
+    customer inside. Round k holds every user's k-th piece; most batches are one round.
+    """
+    pieces: dict[tuple[str, str], list[list[TrackedEvent]]] = {}
+    for event in events:
+        user = pieces.setdefault((event.app_id, event.user_id), [[]])
+        user[-1].append(event)
+        if (event.app_id, event.name) in entering:
+            user.append([])
+    rounds: list[list[TrackedEvent]] = []
+    for user in pieces.values():
+        for k, piece in enumerate(p for p in user if p):
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].extend(piece)
+    return rounds
 
 
 def _is_goal(
@@ -377,6 +419,10 @@ class ReceiptsHandler:
             if not receipts:
                 return
             counted = [r for r in receipts if r.status in _RECEIPT_STATUSES]
+            # The journeys' rows before the customers' rows (the order of Pause/Stop/Put).
+            states = await journey_states(
+                conn, {(r.app_id, uuid.UUID(r.journey_id)) for r in counted}
+            )
             await conn.execute(
                 """
                 INSERT INTO send_receipts (app_id, idempotency_key, status, journey_id, node_id,
@@ -404,7 +450,6 @@ class ReceiptsHandler:
                 output = _receipt_output(inst, receipt)
                 if not output:
                     continue
-                states = await journey_states(conn, {(receipt.app_id, journey_id)})
                 _wake(inst, output, now, states.get((receipt.app_id, journey_id)) == "paused")
                 changed[(journey_id, user_id)] = inst
             await instances_store.save_instances(conn, list(changed.values()))

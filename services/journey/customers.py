@@ -34,6 +34,7 @@ from services.journey.peers import PeerRefused, Peers, PeerUnavailable
 from services.runtime import paging
 from services.runtime.errors import (
     FailedPrecondition,
+    FieldViolation,
     FieldViolations,
     InvalidArgument,
     NotFound,
@@ -186,11 +187,9 @@ async def upload_customers(
     if id_kind not in ("external_id", "user_id") and not (
         id_kind.startswith("alias:") and len(id_kind) > len("alias:")
     ):
-        raise InvalidArgument(
-            "id_kind is external_id, user_id or alias:<label>",
-            reason="INVALID_FIELDS",
-            field_violations=[],
-        )
+        violations = FieldViolations()
+        violations.add("options.id_kind", "external_id, user_id or alias:<label>")
+        violations.raise_if_any("id_kind is external_id, user_id or alias:<label>")
     await _list_journey(pool, app_id, journey_id)
     trigger = f"upload:{request_id or uuid.uuid4()}"
     result = UploadResult(rejections=[])
@@ -230,6 +229,11 @@ async def upload_customers(
                 raise InvalidArgument(
                     f"the file has no column {id_column!r} (header: {header[:20]})",
                     reason="ID_COLUMN_MISSING",
+                    field_violations=[
+                        FieldViolation(
+                            "options.id_column", f"no column {id_column!r} in the file's header"
+                        )
+                    ],
                 )
             column = header.index(id_column)
             continue

@@ -10,8 +10,11 @@ Graph rules:
 * every node is reachable from ``start_node_id`` (``UNREACHABLE_NODE``);
 * every output of a node is wired (``DANGLING_OUTPUT``; an exit node has none), to a node that
   exists (``UNKNOWN_NODE``), and only outputs the kind has are wired (``UNKNOWN_OUTPUT``);
-* every cycle passes a node that waits (delay, wait for event, retarget, a send waiting for its
-  result): a cycle of instant nodes would spin forever (``CYCLE_WITHOUT_DELAY``).
+* every cycle passes a node that always waits (a delay of a duration or until a local time of
+  day, a wait for an event, retargeting, a send waiting for its result): a cycle of instant
+  nodes would spin forever (``CYCLE_WITHOUT_DELAY``). A delay until a date attribute goes on at
+  once when the date is missing or past, and a wait for an engagement at once when it already
+  came: they do not break a cycle.
 """
 
 from __future__ import annotations
@@ -114,11 +117,13 @@ def outputs_of(node: jpb.Node) -> list[str]:
 
 
 def waits(node: jpb.Node) -> bool:
-    """Whether a customer at this node waits for time or a fact before leaving it."""
+    """Whether a customer at this node always waits for time or a fact before leaving it."""
     kind = node_kind(node)
-    return kind in ("delay", "wait_for_event", "retarget") or (
-        kind == "send" and node.send.wait_for_result
-    )
+    if kind == "delay":
+        return node.delay.WhichOneof("kind") in ("duration", "until_local_time")
+    if kind == "wait_for_event":
+        return node.wait_for_event.WhichOneof("awaited") == "event"
+    return kind == "retarget" or (kind == "send" and node.send.wait_for_result)
 
 
 def _duration(value: object) -> timedelta:

@@ -16,7 +16,10 @@ attribute writes): a profile read has no effect; an attribute write and a webhoo
 repeated if the process dies before the commit (both carry what makes a repeat harmless: a
 write sets the same values, a webhook the same ``X-Tidings-Idempotency-Key``). A customer whose
 call fails for a reason that may pass (a service down, no key) stays where it is and is retried
-after :data:`RETRY_DELAY`.
+after :data:`RETRY_DELAY` (logged each time). A call the peer refuses (an undefined or mistyped
+attribute, a user's attribute limit, an invalid event read) would be refused again: the
+customer leaves the node by its ``failure`` output if the kind has one (a webhook), otherwise
+leaves the journey with ``(refused)`` as the step's output.
 
 Customers of a paused journey are parked (their wake time kept aside until Resume); customers
 of a stopped or deleted journey are taken out.
@@ -30,7 +33,7 @@ import functools
 import logging
 import time as time_module
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -46,7 +49,7 @@ from tidings.journey.v1 import journey_pb2 as jpb
 from services.journey import instances_store, schedule
 from services.journey.catalog import Catalog
 from services.journey.conditions import ProfileFacts, matches_profile, value_of
-from services.journey.definitions import node_kind
+from services.journey.definitions import node_kind, outputs_of
 from services.journey.entries import Candidate, enter
 from services.journey.instances_store import Instance, RouteRows, StepRow
 from services.journey.peers import PeerRefused, Peers, PeerUnavailable
@@ -68,12 +71,17 @@ from services.runtime.kafka import DELIVERY_REQUESTS
 from services.runtime.metrics import Metrics
 from services.runtime.outbox import enqueue_many
 
-__all__ = ["RETRY_DELAY", "Engine", "idempotency_key"]
+__all__ = ["BUSY", "RETRY_DELAY", "Engine", "idempotency_key", "journey_states"]
 
 log = logging.getLogger(__name__)
 
 #: How long a customer whose step needs an unavailable service waits before trying again.
 RETRY_DELAY = timedelta(seconds=15)
+#: :func:`journey_states` of a journey whose row another transaction changes now.
+BUSY = "busy"
+#: Pause of a claim loop after a failed iteration, doubling up to the maximum while it fails.
+FAILURE_BACKOFF_FIRST = 0.5
+FAILURE_BACKOFF_MAX = 30.0
 #: How often each claim loop looks for due birthday entries.
 BIRTHDAY_POLL_SECONDS = 1.0
 DEFAULT_RESULT_TIMEOUT = timedelta(hours=1)
@@ -278,17 +286,29 @@ class Engine:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and step until cancelled."""
+        """Claim and step until cancelled.
+
+        A failing iteration (the database away, a deadlock victim, a bug) is logged and the loop
+        goes on after a backoff: letting it raise ended this loop alone while its siblings went
+        on, and each restart of the workers added more loops."""
         next_birthdays = 0.0
+        backoff = FAILURE_BACKOFF_FIRST
         while True:
-            claimed = await self.step_once()
-            # Birthday entries are due at a minute's precision: look once a second (or again
-            # at once while there are more), not at every claim.
-            if time_module.monotonic() >= next_birthdays:
-                birthdays = await self.enter_due_birthdays()
-                claimed += birthdays
-                if not birthdays:
-                    next_birthdays = time_module.monotonic() + BIRTHDAY_POLL_SECONDS
+            try:
+                claimed = await self.step_once()
+                # Birthday entries are due at a minute's precision: look once a second (or
+                # again at once while there are more), not at every claim.
+                if time_module.monotonic() >= next_birthdays:
+                    birthdays = await self.enter_due_birthdays()
+                    claimed += birthdays
+                    if not birthdays:
+                        next_birthdays = time_module.monotonic() + BIRTHDAY_POLL_SECONDS
+            except Exception:
+                log.exception("engine claim failed; trying again in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FAILURE_BACKOFF_MAX)
+                continue
+            backoff = FAILURE_BACKOFF_FIRST
             if claimed == 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -312,8 +332,17 @@ class Engine:
                 for inst in claimed:
                     if inst.wake_at is not None:
                         self._lag.observe(max(0.0, (now - inst.wake_at).total_seconds()))
+            # The journeys' rows after the customers' (the claim found the customers first), so
+            # never waiting for them: Pause/Stop/PutCustomerState lock the journey and then its
+            # customers, and a claim waiting here for the journey while holding customers they
+            # wait for would deadlock. Customers of a journey being changed now are left as they
+            # were (still due) for a claim after that change commits.
+            states = await journey_states(
+                conn, {(i.app_id, i.journey_id) for i in claimed}, skip_locked=True
+            )
+            ready = [i for i in claimed if states[(i.app_id, i.journey_id)] != BUSY]
             effects = Effects()
-            advanced = await self.step_instances(conn, claimed, effects, now)
+            advanced = await self.step_instances(conn, ready, effects, now, states=states)
             await instances_store.save_instances(conn, advanced)
             for (app_id, journey_id, route), group in effects.routed.items():
                 await instances_store.move_routed(
@@ -327,7 +356,7 @@ class Engine:
             await instances_store.upsert_steps(conn, list(effects.steps.values()))
             await enqueue_many(conn, DELIVERY_REQUESTS, effects.sends)
         self._count(effects)
-        return len(claimed)
+        return len(ready)
 
     async def step_entered(
         self, conn: DBConnection, entered: list[Instance], first_steps: list[StepRow], now: datetime
@@ -337,7 +366,10 @@ class Engine:
         effects = Effects()
         for step in first_steps:
             effects.step(step)
-        advanced = await self.step_instances(conn, entered, effects, now, state="active")
+        journeys = {(i.app_id, i.journey_id) for i in entered}
+        advanced = await self.step_instances(
+            conn, entered, effects, now, states=dict.fromkeys(journeys, "active")
+        )
         if effects.routed:
             # A route writes its customers' first step itself.
             routed = {(i.journey_id, i.user_id) for g in effects.routed.values() for i in g}
@@ -370,7 +402,7 @@ class Engine:
         effects: Effects,
         now: datetime,
         *,
-        state: str | None = None,
+        states: Mapping[tuple[str, uuid.UUID], str],
     ) -> list[Instance]:
         """Advance locked customers; their new rows (the caller writes them and ``effects``).
 
@@ -379,14 +411,9 @@ class Engine:
             instances: The customers.
             effects: Collects path steps and sends.
             now: The engine's time.
-            state: The journeys' state when the caller already holds it (entries); otherwise
-                read here, locked ``FOR SHARE`` so Pause/Resume/Stop wait for this claim.
+            states: The journeys' states (:func:`journey_states`), their rows locked by the
+                caller ``FOR SHARE`` so Pause/Resume/Stop wait for this transaction.
         """
-        journeys = {(i.app_id, i.journey_id) for i in instances}
-        if state is None:
-            states = await journey_states(conn, journeys)
-        else:
-            states = dict.fromkeys(journeys, state)
         loader = ProfileLoader(self._peers)
         graphs: dict[tuple[str, uuid.UUID, int], _Graph] = {}
         for inst in instances:
@@ -525,6 +552,20 @@ class Engine:
                 retry,
             )
             inst.status, inst.wake_at = "active", now + RETRY_DELAY
+            return inst
+        except PeerRefused as refused:
+            # Retrying a refusal would hold the customer here for ever: move them on, and say
+            # why in their path (and the log, with the peer's reason).
+            log.warning(
+                "journey %s: customer %s leaves %s: %s",
+                inst.journey_id,
+                inst.user_id,
+                inst.node_id,
+                refused,
+            )
+            refused_at = nodes[inst.node_id]
+            output = "failure" if "failure" in outputs_of(refused_at) else "(refused)"
+            self._leave(inst, refused_at, output, effects, now)
             return inst
         except Exception:
             # A bug or bad data must not stall every customer claimed with this one: this
@@ -777,8 +818,14 @@ class Engine:
             by_journey: dict[tuple[str, uuid.UUID], list[Any]] = {}
             for row in due:
                 by_journey.setdefault((row["app_id"], row["journey_id"]), []).append(row)
+            # Holding timers Stop deletes: never wait for a journey's row (see journey_states).
+            states = await journey_states(conn, set(by_journey), skip_locked=True)
             updates: list[tuple[str, uuid.UUID, uuid.UUID, datetime, str]] = []
+            handled = 0
             for (app_id, journey_id), rows in by_journey.items():
+                if states[(app_id, journey_id)] == BUSY:
+                    continue  # the timers stay due for a look after that change
+                handled += len(rows)
                 live = (await self._catalog.live()).get((app_id, journey_id))
                 definition = live.definition if live is not None else None
                 if definition is None or definition.entry.WhichOneof("kind") != "birthday":
@@ -821,29 +868,50 @@ class Engine:
                 else ([], [], [], [], []),
             )
         self.nudge()
-        return len(due)
+        return handled
 
 
 async def journey_states(
-    conn: DBConnection, journeys: set[tuple[str, uuid.UUID]]
+    conn: DBConnection, journeys: set[tuple[str, uuid.UUID]], *, skip_locked: bool = False
 ) -> dict[tuple[str, uuid.UUID], str]:
-    """The current state of journeys, read ``FOR SHARE`` (lifecycle changes wait for us)."""
+    """The state of each journey (``active``, ``paused``, ``gone``), read ``FOR SHARE`` so
+    lifecycle changes wait for the caller's transaction.
+
+    Lock order is the journey's row before its customers' rows. A caller already holding
+    customers' rows passes ``skip_locked``: a journey whose row another transaction holds (a
+    Pause, a Stop, a PutCustomerState, that may be waiting for those customers) is then
+    :data:`BUSY` instead of waited for.
+    """
+    wanted = sorted(journeys)
+    apps, ids = [j[0] for j in wanted], [j[1] for j in wanted]
     records = await conn.fetch(
-        """
+        f"""
         SELECT app_id, journey_id, state FROM journeys
         WHERE (app_id, journey_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
         ORDER BY app_id, journey_id
-        FOR SHARE
+        FOR SHARE{" SKIP LOCKED" if skip_locked else ""}
         """,
-        [j[0] for j in journeys],
-        [j[1] for j in journeys],
+        apps,
+        ids,
     )
-    return {
-        (r["app_id"], r["journey_id"]): "gone"
-        if r["state"] not in ("active", "paused")
-        else r["state"]
-        for r in records
-    }
+    states = dict.fromkeys(wanted, "gone")
+    for r in records:
+        state = r["state"]
+        states[(r["app_id"], r["journey_id"])] = state if state in ("active", "paused") else "gone"
+    if skip_locked and len(records) < len(wanted):
+        # Skipped (locked) or deleted: only a row that still exists is busy.
+        read = {(r["app_id"], r["journey_id"]) for r in records}
+        for r in await conn.fetch(
+            """
+            SELECT app_id, journey_id FROM journeys
+            WHERE (app_id, journey_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+            """,
+            apps,
+            ids,
+        ):
+            if (key := (r["app_id"], r["journey_id"])) not in read:
+                states[key] = BUSY
+    return states
 
 
 def _entry_time(birthday: jpb.Entry.Birthday) -> time:

@@ -3,8 +3,12 @@
 Every way in (AddCustomers, a CSV upload, the activation audience, a segment fact, a custom
 event, a birthday) comes down to :func:`enter`, inside the caller's transaction:
 
-1. the journey row is locked (``FOR SHARE``, or ``FOR UPDATE`` when a concurrency limit must be
-   counted) and must be active: Pause/Stop wait for entries in flight and vice versa;
+1. the journey row is locked ``FOR SHARE`` and must be active: Pause/Stop wait for entries in
+   flight and vice versa. A concurrency limit is counted under a transaction-scoped advisory
+   lock of the journey as well, so entries into it count one after the other. (Upgrading the
+   row lock to ``FOR UPDATE`` instead deadlocked: two entries holding ``FOR SHARE`` each waited
+   for the other to let go.) Lock order, everywhere: the journey row before its customers'
+   rows;
 2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``);
 3. a customer inside is refused (``ALREADY_INSIDE``); one who left is refused by the re-entry
    rule (``REENTRY_REFUSED``: once, or within the cooldown since the last entry); entries past
@@ -113,11 +117,11 @@ async def enter(
         )
         return refused
     if limit > 0:
-        # Counting needs the entries of other transactions to be in: serialise them.
+        # Counting needs the entries of other transactions to be in: serialise them, with a
+        # lock only entries take (Pause/Stop already exclude us through the row's FOR SHARE).
         await conn.execute(
-            "SELECT 1 FROM journeys WHERE app_id = $1 AND journey_id = $2 FOR UPDATE",
-            app_id,
-            journey_id,
+            "SELECT pg_advisory_xact_lock(hashtextextended('tidings.journey.entries:' || $1, 0))",
+            str(journey_id),
         )
     # A trigger already recorded is refused by the entries insert below (ON CONFLICT); only a
     # concurrency limit needs to know it before deciding, so a repeat takes no slot.

@@ -235,6 +235,25 @@ async def lock_inside_of_users(
     return [_instance(r) for r in records]
 
 
+async def journeys_of_users(
+    conn: DBConnection, pairs: Sequence[tuple[str, uuid.UUID]]
+) -> set[tuple[str, uuid.UUID]]:
+    """The (app, journey) of every journey these customers are inside, read without locks
+    (to lock the journeys' rows before the customers')."""
+    if not pairs:
+        return set()
+    records = await conn.fetch(
+        """
+        SELECT DISTINCT app_id, journey_id FROM instances
+        WHERE (app_id, user_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+          AND status IN ('active', 'waiting')
+        """,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return {(r["app_id"], r["journey_id"]) for r in records}
+
+
 async def get_instance(
     conn: DBConnection, app_id: str, journey_id: uuid.UUID, user_id: uuid.UUID
 ) -> Instance | None:

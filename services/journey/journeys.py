@@ -16,7 +16,8 @@ Lifecycle:
 * ``paused`` → Resume → ``active``: parked wake times come back; what came due while paused
   runs at once (late), the rest keeps its time.
 * ``active``/``paused`` → Stop → ``stopped`` (final): nobody enters; every customer inside is
-  exited (their open step closed with ``(stopped)``); nothing is sent after the Stop commits.
+  exited (their open step closed with ``(stopped)``); no send is requested after the Stop
+  commits (requests committed before it are still relayed and delivered, see docs/journey.md).
 * Delete: only ``draft`` or ``stopped`` journeys, with everything recorded about them.
 """
 

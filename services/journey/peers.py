@@ -5,7 +5,10 @@ app's calls are made with a server key of that app that journey holds itself, as
 (:mod:`services.runtime.service_keys`): minted with the admin key the first time the app needs
 it (display name ``tidings-journey``), stored sealed under ``TIDINGS_JOURNEY_SECRET_KEY`` in
 ``identity_keys``, cached, and minted again once if the app revoked it. Identity or delivery
-down, or no key to be had, is :class:`PeerUnavailable`: the work waits and is retried.
+down, or no key to be had, is :class:`PeerUnavailable`: the work waits and is retried. A
+refusal of the request itself is :class:`PeerRefused`, including RESOURCE_EXHAUSTED when the
+peer names the limit (identity's ``ATTRIBUTE_LIMIT``, ``ALIAS_LIMIT``: the same request would
+hit it again); a RESOURCE_EXHAUSTED without a reason (the transport's, a proxy's) may pass.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
 import grpc.aio
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tidings.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
 from tidings.identity.v1 import (
     apps_service_pb2_grpc,
@@ -48,14 +53,14 @@ class PeerUnavailable(Exception):
 class PeerRefused(Exception):
     """A peer refused the request itself (not found, invalid): retrying will not help."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
+        super().__init__(f"{code.name}{f' {reason}' if reason else ''}: {message}")
         self.code = code
+        self.reason = reason
 
 
-def _translate(error: grpc.aio.AioRpcError) -> Exception:
-    code = error.code()
-    if code in (
+_TRANSIENT = frozenset(
+    {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.UNAUTHENTICATED,
@@ -65,9 +70,30 @@ def _translate(error: grpc.aio.AioRpcError) -> Exception:
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
-    ):
+    }
+)
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The ``ErrorInfo.reason`` the peer attached, or ``""``."""
+    try:
+        status = rpc_status.from_call(cast(Any, error))
+    except ValueError:  # details that do not match the status: not a peer's own answer
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def _translate(error: grpc.aio.AioRpcError) -> Exception:
+    code = error.code()
+    reason = _reason(error)
+    # A named limit (a user's attributes, aliases) is hit again by the same request.
+    if code in _TRANSIENT and not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason):
         return PeerUnavailable(f"{code.name}: {error.details()}")
-    return PeerRefused(code, error.details() or "")
+    return PeerRefused(code, error.details() or "", reason)
 
 
 class Peers:

@@ -107,9 +107,11 @@ class JourneyRuntime:
 async def _engine_workers(runtime: JourneyRuntime, ctx: ServiceContext) -> None:
     engine = runtime.ready().engine
     try:
-        await asyncio.gather(
-            *(engine.run() for _ in range(max(1, runtime.settings.engine_workers)))
-        )
+        # A task group: should a loop end after all (its own errors are handled in run), its
+        # siblings are cancelled with it, so a restart never adds loops to ones still running.
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, runtime.settings.engine_workers)):
+                group.create_task(engine.run())
     finally:
         engine.close()
 

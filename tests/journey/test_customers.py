@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import user_pb2
+from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
 
 from services.journey.webhooks import (
@@ -22,15 +24,27 @@ from services.journey.webhooks import (
 from services.runtime.http_client import HttpClient
 from tests.identity.conftest import TestApp
 from tests.identity.support import ext, failure, new_id
-from tests.journey.support import SendFeed, create_active, definition, exit_node, send
+from tests.journey.support import (
+    SendFeed,
+    create_active,
+    definition,
+    exit_node,
+    node,
+    seconds,
+    send,
+)
+from tests.journey.test_lifecycle import add
+from tests.journey.test_send_flow import make_users
 
 
 async def _upload(
-    journeys: Any, app: TestApp, journey_id: str, csv: bytes, request_id: str
+    journeys: Any, app: TestApp, journey_id: str, csv: bytes, request_id: str, id_kind: str = ""
 ) -> pb.UploadCustomersResponse:
     async def messages() -> AsyncIterator[pb.UploadCustomersRequest]:
         yield pb.UploadCustomersRequest(
-            options=pb.UploadCustomersOptions(journey_id=journey_id, request_id=request_id)
+            options=pb.UploadCustomersOptions(
+                journey_id=journey_id, request_id=request_id, id_kind=id_kind
+            )
         )
         # Split anywhere, even inside a line or a UTF-8 character.
         for start in range(0, len(csv), 7):
@@ -81,6 +95,41 @@ async def test_a_csv_upload_enters_known_customers_once(
     assert len(feed.of(journey.journey_id)) == 3
     bad = await failure(_upload(journeys, app, journey.journey_id, b"id,name\n1,2\n", "file-2"))
     assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "ID_COLUMN_MISSING")
+    assert bad.fields == ["options.id_column"]
+    kind = await failure(_upload(journeys, app, journey.journey_id, csv, "file-3", id_kind="email"))
+    assert (kind.code, kind.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["options.id_kind"])
+
+
+async def test_concurrent_entries_under_a_concurrency_limit_neither_deadlock_nor_overfill(
+    journeys: Any, users: Any, app: TestApp
+) -> None:
+    limit = 4
+    people = await make_users(users, app, 24)
+    journey = await create_active(
+        journeys,
+        app.server,
+        definition(
+            node("hold", delay=jpb.DelayNode(duration=seconds(3600)), next={"next": "end"}),
+            exit_node(),
+            max_concurrent_customers=limit,
+        ),
+    )
+    jid = journey.journey_id
+    # Twelve calls at once, two customers each: every entry waits for the count of the others.
+    answers = await asyncio.gather(
+        *(add(journeys, app, jid, people[i : i + 2]) for i in range(0, len(people), 2)),
+        return_exceptions=True,
+    )
+    errors = [a for a in answers if isinstance(a, BaseException)]
+    assert errors == []  # no ABORTED (deadlock) nor any other failure
+    results = [r for a in answers if not isinstance(a, BaseException) for r in a.results]
+    assert sum(r.entered for r in results) == limit
+    refused = {r.error.code for r in results if not r.entered}
+    assert refused == {grpc.StatusCode.FAILED_PRECONDITION.value[0]}  # the limit
+    inside = await journeys.ListCustomerStates(
+        pb.ListCustomerStatesRequest(journey_id=jid, page_size=100), metadata=app.server
+    )
+    assert len(inside.states) == limit
 
 
 async def test_another_apps_journey_is_not_found(

@@ -59,6 +59,40 @@ def test_cycle_without_a_wait_is_refused_and_one_with_a_delay_is_not() -> None:
     assert not any(r == "CYCLE_WITHOUT_DELAY" for _, _, r in problems(pacing))
 
 
+def test_waits_that_may_end_at_once_do_not_break_a_cycle() -> None:
+    dated = node(
+        "renewal",
+        delay=jpb.DelayNode(
+            until_date_attribute=jpb.DelayNode.UntilDateAttribute(attribute="attributes.renew_at")
+        ),
+        next={"next": "a"},
+    )
+    # A missing or past date goes on at once: the loop would send again and again.
+    looping = definition(send("a", next="renewal"), dated)
+    assert {(n, r) for n, _, r in problems(looping)} == {
+        ("a", "CYCLE_WITHOUT_DELAY"),
+        ("renewal", "CYCLE_WITHOUT_DELAY"),
+    }
+    # An engagement that already came ends its wait at once as well.
+    clicked = node(
+        "clicked",
+        wait_for_event=jpb.WaitForEventNode(
+            engagement=jpb.Engagement(send_node_id="a", kind=jpb.Engagement.KIND_CLICKED),
+            timeout=seconds(3600),
+        ),
+        next={"event": "a", "timeout": "end"},
+    )
+    engaged = definition(send("a", next="clicked"), clicked, exit_node("end"))
+    assert ("clicked", "CYCLE_WITHOUT_DELAY") in {(n, r) for n, _, r in problems(engaged)}
+    # A local time of day always waits (for the next one).
+    at_nine = node(
+        "nine",
+        delay=jpb.DelayNode(until_local_time=jpb.DelayNode.UntilLocalTime()),
+        next={"next": "a"},
+    )
+    assert problems(definition(send("a", next="nine"), at_nine)) == set()
+
+
 def test_bad_weights_conditions_webhooks_and_retargeting() -> None:
     d = definition(
         node(

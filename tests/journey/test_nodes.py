@@ -13,13 +13,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
+from tidings.identity.v1 import app_pb2, apps_service_pb2_grpc, segment_pb2, user_pb2, user_ref_pb2
 from tidings.identity.v1 import identity_service_pb2 as ipb
-from tidings.identity.v1 import segment_pb2, user_pb2, user_ref_pb2
 from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
 
-from tests.identity.conftest import TestApp
+from tests.identity.conftest import TestApp, create_test_app
 from tests.identity.support import ext, failure, new_id
 from tests.journey.support import (
     SendFeed,
@@ -93,6 +94,47 @@ async def test_branch_split_and_update_profile(
         taken = next(p.output for p in path if p.node_id == "ab")
         sent = next(r.journey_node_id for r in split if r.user_id == user_id)
         assert sent == f"send_{taken}"
+
+
+async def test_a_refused_profile_write_moves_the_customer_out_with_the_reason(
+    journeys: Any, users: Any, identity_channel_j: grpc.aio.Channel
+) -> None:
+    strict = await create_test_app(
+        apps_service_pb2_grpc.AppsServiceStub(identity_channel_j),
+        app_pb2.AppSettings(undefined_fields=app_pb2.UNDEFINED_FIELD_POLICY_REJECT),
+    )
+    (user_id,) = await make_users(users, strict, 1)
+    d = definition(
+        node(
+            "tag",
+            update_profile=jpb.UpdateProfileNode(attributes={"never_defined": s("yes")}),
+            next={"next": "after"},
+        ),
+        send("after", next="end"),
+        exit_node("end"),
+    )
+    journey = await create_active(journeys, strict.server, d)
+    jid = journey.journey_id
+    async with SendFeed(strict.app_id) as sends:
+        await add(journeys, strict, jid, [user_id])
+        exited = await eventually(lambda: _exited(journeys, strict, jid, user_id), within=10)
+        await sends.settle(0.5)
+    assert exited is not None
+    # Identity refuses the undefined field: retrying would never help, so the customer leaves
+    # at once (not every 15 s for ever) and the path says why; nothing after the node runs.
+    assert [(p.node_id, p.output) for p in exited.path] == [("tag", "(refused)")]
+    assert sends.of(jid) == []
+    stats = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(journey_id=jid), metadata=strict.server
+    )
+    tag = next(n for n in stats.nodes if n.node_id == "tag")
+    assert (tag.entered, tag.exited, tag.waiting) == (1, 1, 0)
+
+
+async def _exited(journeys: Any, app: TestApp, jid: str, user_id: str) -> pb.CustomerState | None:
+    """The customer's state once exited; None before."""
+    found = await state(journeys, app, jid, user_id)
+    return found if found.status == pb.CustomerState.STATUS_EXITED else None
 
 
 async def _count(feed: SendFeed, jid: str, count: int) -> bool:
