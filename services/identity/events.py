@@ -27,17 +27,18 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiokafka.errors
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from tidings.events.v1.tracked_event_pb2 import TrackedEvent
 from tidings.identity.v1.user_ref_pb2 import UserRef
 
-from services.identity import events_store, refs, users
+from services.identity import event_pages, events_store, refs, users
 from services.identity.access import AppCaller
 from services.identity.events_store import Event
 from services.runtime import paging
@@ -334,6 +335,9 @@ async def track_events(
             name=event.name,
             properties=event.properties,
         )
+        if isinstance(key, refs.BySubscription):
+            # The consumer counts it as the device's activity (push eviction order).
+            message.subscription_id = str(key.subscription_id)
         message.occurred_at.CopyFrom(now_ts if event.occurred_at is None else event.occurred_at)
         records.append((message.user_id, message))
         results[index] = TrackResult(event_id=event_id, user_id=resolved)
@@ -376,6 +380,8 @@ def _violation(field: str, description: str) -> FieldViolation:
     return FieldViolation(field, description)
 
 
+M = TypeVar("M", bound=Message)
+
 #: What a slot of :func:`track_events`' results holds until its event is decided.
 _UNSET = TrackResult()
 
@@ -406,15 +412,15 @@ class EventQuery:
 
 
 @dataclass(frozen=True, slots=True)
-class EventPage:
+class EventPage(Generic[M]):
     """One page of ListEvents.
 
     Attributes:
-        events: The events, newest first.
+        events: The events as answered, newest first.
         next_page_token: Token of the next page; empty on the last one.
     """
 
-    events: list[Event]
+    events: list[M]
     next_page_token: str
 
 
@@ -433,8 +439,7 @@ def _fingerprint(app_id: str, user_id: uuid.UUID, query: EventQuery) -> str:
 
 def encode_page_token(last: Event, fingerprint: str) -> str:
     """The opaque token that continues after ``last`` in the query ``fingerprint`` names."""
-    position = {"t": str(_epoch_micros(last.occurred_at)), "e": last.event_id}
-    return paging.encode_page_token(f"events/{fingerprint}", position)
+    return event_pages.encode_cursor(f"events/{fingerprint}", (last.occurred_at, last.event_id))
 
 
 def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str]:
@@ -444,19 +449,7 @@ def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str]:
         InvalidArgument: The token is malformed or belongs to another query (field
             ``page_token``).
     """
-    position = paging.decode_page_token(f"events/{fingerprint}", token)
-    try:
-        return _EPOCH + timedelta(microseconds=int(position["t"])), position["e"]
-    except (KeyError, ValueError, OverflowError):
-        raise paging.bad_page_token() from None
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _epoch_micros(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return event_pages.decode_cursor(f"events/{fingerprint}", token)
 
 
 def _check_query(query: EventQuery) -> None:
@@ -474,11 +467,20 @@ def _check_query(query: EventQuery) -> None:
     violations.raise_if_any()
 
 
-async def list_events(ctx: ServiceContext, caller: AppCaller, query: EventQuery) -> EventPage:
+async def list_events(
+    ctx: ServiceContext, caller: AppCaller, query: EventQuery, render: Callable[[Event], M]
+) -> EventPage[M]:
     """One page of a user's stored events, newest first (ties broken by event id).
 
     Events accepted by TrackEvents appear here once the consumer stored them, typically tens of
-    milliseconds later (see the module docstring).
+    milliseconds later (see the module docstring). A page holds at most ``page_size`` events
+    and at most :data:`~services.identity.event_pages.MAX_PAGE_BYTES` of rendered ones.
+
+    Args:
+        ctx: The service context.
+        caller: Who calls.
+        query: The query.
+        render: The message an event is answered as (its size bounds the page).
 
     Raises:
         InvalidArgument: Bad filters, a negative page size or a foreign page token.
@@ -490,21 +492,26 @@ async def list_events(ctx: ServiceContext, caller: AppCaller, query: EventQuery)
         resolved = await refs.resolve_user_id(conn, caller.app_id, query.ref, field="user")
         fingerprint = _fingerprint(caller.app_id, resolved, query)
         after = decode_page_token(query.page_token, fingerprint) if query.page_token else None
-        # One row more than the page tells whether another page follows.
-        events = await events_store.list_events(
-            conn,
-            caller.app_id,
-            resolved,
-            name=query.name or None,
-            start_time=query.start_time,
-            end_time=query.end_time,
-            after=after,
-            limit=limit + 1,
-        )
-    if len(events) <= limit:
-        return EventPage(events=events, next_page_token="")
-    page = events[:limit]
-    return EventPage(events=page, next_page_token=encode_page_token(page[-1], fingerprint))
+
+        async def fetch(cursor: event_pages.Cursor | None, size: int) -> list[Event]:
+            return await events_store.list_events(
+                conn,
+                caller.app_id,
+                resolved,
+                name=query.name or None,
+                start_time=query.start_time,
+                end_time=query.end_time,
+                after=cursor,
+                limit=size,
+            )
+
+        page = await event_pages.fill_page(fetch, render, after=after, limit=limit)
+    next_token = (
+        event_pages.encode_cursor(f"events/{fingerprint}", page.next_cursor)
+        if page.next_cursor is not None
+        else ""
+    )
+    return EventPage(events=page.items, next_page_token=next_token)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,11 @@ batch (up to :data:`MAX_BATCH` records):
    that Login merged away follow it into the profile it was merged into;
 4. the rest are inserted, deduplicated by ``(app_id, event_id)`` through ``event_ids``, so a
    retried TrackEvents batch or a redelivered record stores nothing twice; their users are
-   queued for segment re-evaluation in the same transaction.
+   queued for segment re-evaluation in the same transaction;
+5. events tracked by ``subscription_id`` (the record says which) count as that subscription's
+   activity: its ``last_active_time`` moves to the newest of their times (never past now), in
+   one statement per batch that skips subscriptions active in the last
+   :data:`ACTIVITY_RESOLUTION`, so a busy device costs one write an hour.
 
 Offsets are committed by :class:`~services.runtime.kafka.BatchConsumer` only after the handler
 returned, i.e. after the transaction committed.
@@ -40,14 +44,21 @@ import asyncpg
 from prometheus_client import Counter
 from tidings.events.v1.tracked_event_pb2 import TrackedEvent
 
-from services.identity import events_store, segments_store
+from services.identity import events_store, segments_store, subscriptions_store
 from services.identity.events import properties_json
 from services.identity.events_store import NewEvent
 from services.runtime.app import Clock, ServiceContext
 from services.runtime.kafka import IDENTITY_EVENTS, BatchConsumer, Record, start_new_group_at
 from services.runtime.metrics import Metrics
 
-__all__ = ["GROUP_PREFIX", "MAX_BATCH", "EventStorer", "group_id_for", "run_events_consumer"]
+__all__ = [
+    "ACTIVITY_RESOLUTION",
+    "GROUP_PREFIX",
+    "MAX_BATCH",
+    "EventStorer",
+    "group_id_for",
+    "run_events_consumer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,9 @@ MAX_BATCH = 2000
 _START_MARGIN = timedelta(seconds=10)
 #: Merged-away profiles are followed this many times (A merged into B, B into C, ...).
 _MERGE_HOPS = 3
+#: A subscription's ``last_active_time`` is kept to within this much of its latest event: it
+#: orders evictions at the cap, where hours matter and per-event writes would not pay.
+ACTIVITY_RESOLUTION = timedelta(hours=1)
 
 
 def group_id_for(instance_id: str) -> str:
@@ -124,10 +138,13 @@ class EventStorer:
         ours = [record for record in records if record.value.app_id in known]
         self._count_dropped("unknown_app", len(records) - len(ours))
         user_ids: dict[str, uuid.UUID | None] = {}
-        events = [e for record in ours if (e := _new_event(record, user_ids)) is not None]
+        parsed = [(r, e) for r in ours if (e := _new_event(r, user_ids)) is not None]
+        events = [event for _, event in parsed]
         self._count_dropped("malformed", len(ours) - len(events))
         if not events:
             return
+        now = self._clock()
+        active = _subscription_activity(parsed, now)
         await self._ensure_months({events_store.month_of(e.occurred_at) for e in events})
         async with self._pool.acquire() as conn, conn.transaction():
             owners = await _current_owners(conn, {(e.app_id, e.user_id) for e in events})
@@ -151,6 +168,10 @@ class EventStorer:
             if stored:
                 # Event conditions of segments may now hold (or not) for these users.
                 await segments_store.mark_dirty(conn, {(e.app_id, e.user_id) for e in kept})
+            # Last: it locks subscriptions, which nothing above may wait behind.
+            await subscriptions_store.record_activity(
+                conn, active, fresh_after=now - ACTIVITY_RESOLUTION
+            )
         self._count_dropped("unknown_user", len(events) - len(kept))
         self._count_dropped("duplicate", len(kept) - stored)
         if self._stored is not None:
@@ -199,6 +220,25 @@ def _from_timestamp(seconds: int, nanos: int) -> datetime:
         else:
             return moment.replace(microsecond=nanos // 1000) if nanos else moment
     return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def _subscription_activity(
+    parsed: Sequence[tuple[Record[TrackedEvent], NewEvent]], now: datetime
+) -> dict[tuple[str, uuid.UUID], datetime]:
+    """Per subscription named by the records: the newest of its events' times, at most now."""
+    active: dict[tuple[str, uuid.UUID], datetime] = {}
+    for record, event in parsed:
+        text = record.value.subscription_id
+        if not text:
+            continue
+        try:
+            key = (event.app_id, uuid.UUID(text))
+        except ValueError:
+            continue  # not from TrackEvents; the event itself is fine
+        moment = min(event.occurred_at, now)
+        if key not in active or active[key] < moment:
+            active[key] = moment
+    return active
 
 
 def _skip(record: Record[TrackedEvent], why: str) -> None:

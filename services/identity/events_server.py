@@ -112,8 +112,8 @@ class EventsRpcs:
                 page_size=request.page_size,
                 page_token=request.page_token,
             ),
+            event_proto,
         )
         return identity_service_pb2.ListEventsResponse(
-            events=[event_proto(event) for event in page.events],
-            next_page_token=page.next_page_token,
+            events=page.events, next_page_token=page.next_page_token
         )

@@ -45,6 +45,7 @@ __all__ = [
     "known_apps",
     "list_all_for_user",
     "list_events",
+    "list_oldest_first",
     "merge_targets",
     "month_of",
     "month_partitions",
@@ -376,6 +377,32 @@ async def list_events(
     return [_event(row) for row in rows]
 
 
+# Oldest first, from the cursor (occurred_at, event_id) of the last row of the previous page.
+_LIST_OLDEST_FIRST = f"""
+SELECT {_COLUMNS}
+FROM events
+WHERE app_id = $1 AND user_id = $2
+  AND occurred_at >= coalesce($3::timestamptz, '-infinity')
+  AND ($3::timestamptz IS NULL OR (occurred_at, event_id) > ($3::timestamptz, $4::text))
+ORDER BY occurred_at, event_id
+LIMIT $5
+"""
+
+
+async def list_oldest_first(
+    conn: DBConnection,
+    app_id: str,
+    user_id: uuid.UUID,
+    *,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[Event]:
+    """Up to ``limit`` of a user's events, oldest first, after the cursor ``after`` (export)."""
+    cursor_time, cursor_id = after if after is not None else (None, None)
+    rows = await conn.fetch(_LIST_OLDEST_FIRST, app_id, user_id, cursor_time, cursor_id, limit)
+    return [_event(row) for row in rows]
+
+
 _LIST_ALL = f"""
 SELECT {_COLUMNS} FROM events
 WHERE app_id = $1 AND user_id = $2
@@ -384,7 +411,7 @@ ORDER BY occurred_at, event_id
 
 
 async def list_all_for_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> list[Event]:
-    """Every stored event of a user, oldest first (GDPR export).
+    """Every stored event of a user, oldest first, unbounded (tests and tools; the API pages).
 
     Events still on their way through ``identity.events`` (accepted by TrackEvents in the last
     moments) are not in it yet.

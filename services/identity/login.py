@@ -1,5 +1,9 @@
 """Login and Logout: identifying the holder of a device, and detaching it again.
 
+A profile is **anonymous** while it has no external id (OneSignal's rule): what
+CreateSubscription makes for a device nobody has claimed yet, which may carry aliases (an SDK's
+own ids); one with an external id is **identified**.
+
 ``Login(subscription, external_id)``:
 
 * the subscription's holder already has that external id → nothing changes (idempotent);
@@ -21,6 +25,8 @@
 
 ``Logout(subscription)`` moves the subscription to a fresh anonymous profile (nothing if it is
 already held by an anonymous one).
+
+A successful Login counts as the device's activity (``last_active_time``).
 
 Client keys may call both, for the subscription they registered, only if the app's
 ``allow_client_login`` setting is on; that check comes before any other.
@@ -198,10 +204,12 @@ async def _login(
     if device.user_id != seen.user_id or not set(wanted) <= users.keys():
         raise Retry  # merged, moved or erased since we looked: look again
     holder = device.user_id
-    holder_external_id = users[holder].external_id
-    if holder_external_id == external_id:
+    # Logging in is the device's activity (it orders evictions at the cap); it commits only
+    # with a successful Login.
+    await store.record_activity(conn, {(app_id, subscription_id): at}, fresh_after=at)
+    if users[holder].external_id == external_id:
         return LoginResult(holder)
-    if holder_external_id is not None:
+    if users[holder].external_id is not None:
         raise FailedPrecondition(
             "the subscription's user is already identified by another external_id; two "
             "identified users are never merged: Logout first, then Login",

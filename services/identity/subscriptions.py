@@ -13,8 +13,15 @@ Rules (the proto comments of ``CreateSubscription`` and friends say the same to 
   token). When a server key names a ``user``, the subscription moves to that user. A client key
   re-registering an *address* (email, phone, chat id) someone already registered gets
   ALREADY_EXISTS: unlike a push token, an address is no proof of being its holder.
+* **Retries.** A ``request_id`` (AIP-155, a UUID) makes a registration retryable: within
+  :data:`REQUEST_ID_TTL`, a call with the id of an earlier one that asked the same (type,
+  token, user) answers with the subscription that call registered, as it is now, without
+  registering again, so an SDK whose call timed out after the commit learns its id. Knowing
+  the id is the proof (it is as unguessable as the subscription id it returns); an id used for
+  another registration is refused (INVALID_ARGUMENT ``REQUEST_ID_REUSED``).
 * **Anonymous holders.** Without ``user``, a new subscription is held by a fresh anonymous
-  profile (Login identifies it later). Only server keys may name a user, assign or unassign.
+  profile (Login identifies it later). A profile is anonymous while it has no external id (it
+  may carry aliases). Only server keys may name a user, assign or unassign.
 * **At most** :data:`MAX_SUBSCRIPTIONS_PER_USER` **per user.** Adding one more to a user at the
   cap deletes the user's least recently active *push* subscription (push tokens churn with
   devices; addresses do not), with a ``SUBSCRIPTION_REMOVED`` change. A user whose subscriptions
@@ -36,11 +43,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -64,6 +72,7 @@ from services.runtime.errors import (
     AlreadyExists,
     FieldViolation,
     FieldViolations,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -73,12 +82,14 @@ __all__ = [
     "CLIENT_UPDATE_PATHS",
     "DISABLED_BY_API",
     "MAX_SUBSCRIPTIONS_PER_USER",
+    "REQUEST_ID_TTL",
     "UPDATE_PATHS",
     "NewSubscription",
     "Retry",
     "SubscriptionPatch",
     "assign_subscription",
     "check_may_choose_user",
+    "check_request_id",
     "check_subscription_id",
     "choose_evictions",
     "create_subscription",
@@ -95,6 +106,8 @@ __all__ = [
     "validate_new",
 ]
 
+#: How long a CreateSubscription ``request_id`` is remembered (AIP-155).
+REQUEST_ID_TTL = timedelta(hours=24)
 #: Most subscriptions one user holds; see the module doc for what happens beyond.
 MAX_SUBSCRIPTIONS_PER_USER = 20
 #: ``disabled_reason`` of a subscription a server key disabled (a re-registration keeps it
@@ -738,12 +751,57 @@ def check_may_choose_user(caller: AppCaller) -> None:
         )
 
 
+def check_request_id(value: str, field: str, violations: FieldViolations) -> uuid.UUID | None:
+    """An optional AIP-155 request id: None when empty; a UUID, or a violation of ``field``.
+
+    A UUID, not any string: a replay answers with a subscription id, so the key must be as
+    unguessable as one.
+    """
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        violations.add(field, "not a UUID", reason="INVALID_ID")
+        return None
+
+
+def _fingerprint(new: NewSubscription, user: refs.RefKey | None) -> str:
+    # What a retry must ask again for its request_id to count as the same request.
+    assert new.type is not None
+    parts = [new.type.value, new.token, repr(user)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+async def _replayed(
+    conn: DBConnection, app_id: str, request_id: uuid.UUID, fingerprint: str, at: datetime
+) -> Subscription | None:
+    """The subscription a live earlier request with this id registered, if there was one.
+
+    Raises:
+        InvalidArgument: ``REQUEST_ID_REUSED``: the id was used for another registration.
+    """
+    earlier = await store.find_request(conn, app_id, request_id, since=at - REQUEST_ID_TTL)
+    if earlier is None:
+        return None
+    if earlier.fingerprint != fingerprint:
+        raise InvalidArgument(
+            "this request_id was used for another registration; use a new UUID per "
+            "registration and the same one only to retry it",
+            reason="REQUEST_ID_REUSED",
+            field_violations=[FieldViolation("request_id", "used for another registration")],
+        )
+    return await store.get(conn, app_id, earlier.subscription_id)
+
+
 async def create_subscription(
     pool: asyncpg.Pool,
     caller: AppCaller,
     new: NewSubscription,
     user: refs.RefKey | None,
     at: datetime,
+    *,
+    request_id: str = "",
 ) -> Subscription:
     """Register a device or address (see the module doc for every rule).
 
@@ -754,13 +812,16 @@ async def create_subscription(
         user: Server keys only: the user to hold it; None for a fresh anonymous profile (or,
             for a token already registered, to leave it with its holder).
         at: Now.
+        request_id: Optional idempotency key (a UUID): a retry with it within
+            :data:`REQUEST_ID_TTL` answers with the subscription the first call registered.
 
     Returns:
         The new subscription, or the existing one of that (type, token), refreshed.
 
     Raises:
         PermissionDenied: A client key named a user.
-        InvalidArgument: A bad field.
+        InvalidArgument: A bad field; ``REQUEST_ID_REUSED`` for a request_id of another
+            registration.
         NotFound: ``user`` names nobody.
         AlreadyExists: A client key registered an address that is already registered.
         ResourceExhausted: The user's subscriptions are all addresses and at the cap.
@@ -769,12 +830,28 @@ async def create_subscription(
         check_may_choose_user(caller)
     violations = FieldViolations()
     new = validate_new(new, "subscription", violations)
+    request_key = check_request_id(request_id, "request_id", violations)
     violations.raise_if_any()
     app_id = caller.app_id
     type_ = new.type
     assert type_ is not None
+    fingerprint = _fingerprint(new, user)
+
+    async def remember(subscription: Subscription, conn: DBConnection) -> Subscription:
+        if request_key is None:
+            return subscription
+        key = store.RequestKey(subscription.subscription_id, fingerprint)
+        if not await store.remember_request(
+            conn, app_id, request_key, key, at=at, expired_before=at - REQUEST_ID_TTL
+        ):
+            raise Retry  # a twin of this request committed first: answer as it did
+        return subscription
 
     async def work(conn: DBConnection) -> Subscription:
+        if request_key is not None:
+            replayed = await _replayed(conn, app_id, request_key, fingerprint, at)
+            if replayed is not None:
+                return replayed
         facts: list[IdentityChange] = []
         target = None if user is None else await _resolve(conn, app_id, user)
         existing = await store.find_by_token(conn, app_id, type_, new.token)
@@ -791,7 +868,7 @@ async def create_subscription(
                 raise Retry  # registered concurrently: start over and find it
             facts.append(subscription_fact(changes.Kind.KIND_SUBSCRIPTION_CREATED, created, at))
             await changes.publish(conn, facts)
-            return created
+            return await remember(created, conn)
         if caller.is_client and not existing.type.is_push:
             raise AlreadyExists(
                 f"this {type_.value} address is already registered",
@@ -811,7 +888,7 @@ async def create_subscription(
         assert saved is not None  # the token did not change
         facts += move_facts(current, saved, at)
         await changes.publish(conn, facts)
-        return saved
+        return await remember(saved, conn)
 
     return await retrying_transaction(pool, work)
 
@@ -927,7 +1004,8 @@ async def unassign_subscription(
 ) -> Subscription:
     """Move a subscription from its user to a fresh anonymous profile (Logout does the same).
 
-    Idempotent: a subscription already held by an anonymous profile stays where it is, so
+    Idempotent: a subscription already held by an anonymous profile (no external id) stays
+    where it is, so
     repeating a logout does not pile up empty profiles.
 
     Raises:

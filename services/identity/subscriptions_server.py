@@ -149,6 +149,7 @@ class SubscriptionsRpcs:
             new_subscription_from_proto(request.subscription),
             user,
             self._ctx.clock(),
+            request_id=request.request_id,
         )
         return subscription_to_proto(created)
 

@@ -34,6 +34,7 @@ __all__ = [
     "DeadToken",
     "DeviceInfo",
     "OptIn",
+    "RequestKey",
     "Subscription",
     "SubscriptionType",
     "WebPushKeys",
@@ -42,13 +43,16 @@ __all__ = [
     "disable_dead_tokens",
     "fetch_for_users",
     "find_by_token",
+    "find_request",
     "get",
     "insert",
     "merge_profile",
     "move",
     "move_aliases",
     "prefixed_columns",
+    "record_activity",
     "record_merge",
+    "remember_request",
     "save",
     "set_external_id",
     "subscription_from_row",
@@ -430,6 +434,143 @@ async def delete(
         list(subscription_ids),
     )
     return [_subscription(row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """A remembered CreateSubscription ``request_id`` (AIP-155).
+
+    Attributes:
+        subscription_id: The subscription the request registered.
+        fingerprint: A hash of what the request asked.
+    """
+
+    subscription_id: uuid.UUID
+    fingerprint: str
+
+
+async def find_request(
+    conn: DBConnection, app_id: str, request_id: uuid.UUID, *, since: datetime
+) -> RequestKey | None:
+    """The request ``request_id`` of the app if it was made at or after ``since``."""
+    row = await conn.fetchrow(
+        """
+        SELECT subscription_id, fingerprint FROM subscription_requests
+        WHERE app_id = $1 AND request_id = $2 AND create_time >= $3
+        """,
+        app_id,
+        request_id,
+        since,
+    )
+    return None if row is None else RequestKey(row["subscription_id"], row["fingerprint"])
+
+
+# An expired key of the same id is taken over; a live one is not (a concurrent twin of the
+# request committed it first: the caller starts over and answers with its subscription).
+_REMEMBER_REQUEST = """
+INSERT INTO subscription_requests AS r
+    (app_id, request_id, subscription_id, fingerprint, create_time)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (app_id, request_id) DO UPDATE
+    SET subscription_id = EXCLUDED.subscription_id, fingerprint = EXCLUDED.fingerprint,
+        create_time = EXCLUDED.create_time
+    WHERE r.create_time < $6
+RETURNING true
+"""
+
+# Bounded, so a request never pays for a long backlog; each one purges more than it adds.
+_PURGE_REQUESTS = """
+DELETE FROM subscription_requests
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM subscription_requests WHERE create_time < $1 LIMIT 100
+    FOR UPDATE SKIP LOCKED
+))
+"""
+
+
+async def remember_request(
+    conn: DBConnection,
+    app_id: str,
+    request_id: uuid.UUID,
+    key: RequestKey,
+    *,
+    at: datetime,
+    expired_before: datetime,
+) -> bool:
+    """Remember that ``request_id`` registered ``key.subscription_id``; purge a few expired keys.
+
+    Returns:
+        False if a live key of that id exists already (the caller should start over).
+    """
+    stored = await conn.fetchval(
+        _REMEMBER_REQUEST,
+        app_id,
+        request_id,
+        key.subscription_id,
+        key.fingerprint,
+        at,
+        expired_before,
+    )
+    await conn.execute(_PURGE_REQUESTS, expired_before)
+    return bool(stored)
+
+
+# Activity seen in tracked events, newest per subscription. Rows already active at or after
+# `fresh_after` are left alone, so a device tracking all day writes once an hour, not per event;
+# the time never goes back. SKIP LOCKED: the events consumer calls this holding user locks, out
+# of the protocol's order, so it must never wait for a subscription a writer holds (a skipped
+# row is bumped by a later event).
+_RECORD_ACTIVITY = """
+WITH seen AS (
+    SELECT app_id, subscription_id, max(active) AS active
+    FROM unnest($1::text[], $2::uuid[], $3::timestamptz[]) AS v(app_id, subscription_id, active)
+    GROUP BY app_id, subscription_id
+),
+due AS (
+    SELECT s.app_id, s.subscription_id, seen.active
+    FROM subscriptions s
+    JOIN seen USING (app_id, subscription_id)
+    WHERE s.last_active_time < least(seen.active, $4::timestamptz)
+    ORDER BY s.app_id, s.subscription_id
+    FOR UPDATE OF s SKIP LOCKED
+)
+UPDATE subscriptions s SET last_active_time = due.active
+FROM due
+WHERE s.app_id = due.app_id AND s.subscription_id = due.subscription_id
+"""
+
+
+async def record_activity(
+    conn: DBConnection,
+    active: Mapping[tuple[str, uuid.UUID], datetime],
+    *,
+    fresh_after: datetime,
+) -> int:
+    """Move subscriptions' ``last_active_time`` forward to when they were seen active.
+
+    One statement for the whole map. Not a change of the subscription (no fact, no
+    ``update_time``): activity only orders the cap's evictions and the pick of a device.
+
+    Args:
+        conn: Connection (in the caller's transaction, if any).
+        active: ``(app_id, subscription_id)`` to the latest time it was active (not in the
+            future); unknown subscriptions are ignored.
+        fresh_after: Subscriptions active at or after this time are not written.
+
+    Returns:
+        How many subscriptions were written.
+    """
+    if not active:
+        return 0
+    keys = list(active)
+    result = await conn.execute(
+        _RECORD_ACTIVITY,
+        [app_id for app_id, _ in keys],
+        [subscription_id for _, subscription_id in keys],
+        [active[key] for key in keys],
+        fresh_after,
+    )
+    return int(result.split()[-1])
 
 
 async def disable_dead_tokens(

@@ -30,6 +30,7 @@ The rules, in one place (the gRPC layer only translates protobuf to the types he
 from __future__ import annotations
 
 import calendar
+import hashlib
 import math
 import os
 import uuid
@@ -37,14 +38,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from operator import attrgetter
+from typing import Generic, TypeVar
 
 import asyncpg
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
 from services.identity import (
     apps_store,
     changes,
+    event_pages,
     events_store,
     pii_fields,
     refs,
@@ -1133,29 +1137,79 @@ async def delete_user(conn: DBConnection, app_id: str, key: RefKey, *, at: datet
     return user_id
 
 
+#: Most events on one page of ExportUser (pages are bounded by bytes too, see event_pages).
+EXPORT_PAGE_EVENTS = 5_000
+
+_M = TypeVar("_M", bound=Message)
+
+
 @dataclass(frozen=True, slots=True)
-class Export:
-    """Everything held about one user (GDPR access)."""
+class Export(Generic[_M]):
+    """One answer of a GDPR access export.
 
-    user: User
-    events: list[events_store.Event]
+    Attributes:
+        user: The profile; ``None`` on the answers to an events page token.
+        events: A page of the user's events (as answered), oldest first.
+        merges: The merges into the profile; empty on the answers to an events page token.
+        next_events_page_token: Token of the next page of events; empty after the last.
+    """
+
+    user: User | None
+    events: list[_M]
     merges: list[MergeRecord]
+    next_events_page_token: str
 
 
-async def export_user(conn: DBConnection, app_id: str, key: RefKey) -> Export:
-    """Everything held about a user, read from one consistent snapshot.
+def _export_list(app_id: str, user_id: uuid.UUID) -> str:
+    # A token of one user's export is refused for another user's.
+    digest = hashlib.sha256(f"{app_id}\x1f{user_id}".encode()).hexdigest()[:16]
+    return f"export/{digest}"
+
+
+async def export_user(
+    conn: DBConnection,
+    app_id: str,
+    key: RefKey,
+    render: Callable[[events_store.Event], _M],
+    *,
+    events_page_token: str = "",
+) -> Export[_M]:
+    """Everything held about a user, with the events paged (each answer one snapshot).
+
+    The first answer has the profile, the merges and the first page of events; an
+    ``events_page_token`` asks for the next page of events only. A page stops at
+    :data:`EXPORT_PAGE_EVENTS` events or :data:`~services.identity.event_pages.MAX_PAGE_BYTES`
+    of rendered ones, so every answer fits a client's default 4 MB limit.
 
     Raises:
         NotFound: ``USER_NOT_FOUND``.
+        InvalidArgument: ``events_page_token`` is not from an export of this user.
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         user_id = (await refs.lookup(conn, app_id, [key])).get(key)
-        users = await users_store.load_users(conn, app_id, [user_id]) if user_id else {}
-        if user_id is None or user_id not in users:
+        if user_id is None:
             raise refs.user_not_found(key)
-        events = await events_store.list_all_for_user(conn, app_id, user_id)
-        merges = await users_store.merges_into(conn, app_id, user_id)
-    return Export(user=users[user_id], events=events, merges=merges)
+        list_name = _export_list(app_id, user_id)
+        user: User | None = None
+        merges: list[MergeRecord] = []
+        after = None
+        if events_page_token:
+            after = event_pages.decode_cursor(list_name, events_page_token, "events_page_token")
+        else:
+            users = await users_store.load_users(conn, app_id, [user_id])
+            if user_id not in users:
+                raise refs.user_not_found(key)
+            user = users[user_id]
+            merges = await users_store.merges_into(conn, app_id, user_id)
+
+        async def fetch(cursor: event_pages.Cursor | None, size: int) -> list[events_store.Event]:
+            return await events_store.list_oldest_first(
+                conn, app_id, user_id, after=cursor, limit=size
+            )
+
+        page = await event_pages.fill_page(fetch, render, after=after, limit=EXPORT_PAGE_EVENTS)
+    next_token = event_pages.encode_cursor(list_name, page.next_cursor) if page.next_cursor else ""
+    return Export(user=user, events=page.items, merges=merges, next_events_page_token=next_token)
 
 
 # -- aliases -------------------------------------------------------------------------------------

@@ -387,14 +387,22 @@ class UsersRpcs:
     async def ExportUser(
         self, request: pb.ExportUserRequest, context: _Context
     ) -> pb.ExportUserResponse:
-        """Everything held about a user."""
+        """Everything held about a user; the events in pages of at most ~3 MB."""
         caller = access.server_app()
         key = refs.ref_key(request.ref)
         async with self._ctx.pool.acquire() as conn:
-            export = await users.export_user(conn, caller.app_id, key)
+            export = await users.export_user(
+                conn,
+                caller.app_id,
+                key,
+                event_proto,
+                events_page_token=request.events_page_token,
+            )
         response = pb.ExportUserResponse(
-            user=user_to_proto(export.user), events=[event_proto(e) for e in export.events]
+            events=export.events, next_events_page_token=export.next_events_page_token
         )
+        if export.user is not None:
+            response.user.CopyFrom(user_to_proto(export.user))
         for merge in export.merges:
             response.merges.add(
                 from_user_id=str(merge.from_user_id),

@@ -36,16 +36,21 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture(scope="session")
+async def identity_database() -> AsyncIterator[str]:
+    """The DSN of the shared identity process's scratch database (for setting up what only
+    time would produce, such as a device last active hours ago)."""
+    async with temporary_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
 async def identity_process(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, identity_database: str
 ) -> AsyncIterator[ServiceProcess]:
     """The identity service as a real process on a scratch database, for the whole session."""
-    async with (
-        temporary_database() as dsn,
-        running_service(
-            "identity", database_url=dsn, log_dir=tmp_path_factory.mktemp("identity")
-        ) as service,
-    ):
+    async with running_service(
+        "identity", database_url=identity_database, log_dir=tmp_path_factory.mktemp("identity")
+    ) as service:
         await service.wait_serving()
         yield service
 

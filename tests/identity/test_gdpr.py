@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -59,14 +59,15 @@ async def _subscribe(
 
 
 async def _track(
-    stub: IdentityServiceStub, app: AppKeys, ref: user_ref_pb2.UserRef, count: int
+    stub: IdentityServiceStub,
+    app: AppKeys,
+    ref: user_ref_pb2.UserRef,
+    count: int,
+    items: list[pb.TrackedEventInput] | None = None,
 ) -> list[str]:
-    response = await stub.TrackEvents(
-        pb.TrackEventsRequest(
-            events=[pb.TrackedEventInput(user=ref, name="purchase") for _ in range(count)]
-        ),
-        metadata=app.server,
-    )
+    """Track ``items``, or ``count`` plain purchases of ``ref``; their event ids."""
+    events = items or [pb.TrackedEventInput(user=ref, name="purchase") for _ in range(count)]
+    response = await stub.TrackEvents(pb.TrackEventsRequest(events=events), metadata=app.server)
     assert not any(r.HasField("error") for r in response.results)
     return [r.event_id for r in response.results]
 
@@ -194,6 +195,85 @@ async def test_export_and_erase_need_an_existing_user(
     assert (malformed.code, malformed.fields) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         ["ref.external_id"],
+    )
+
+
+#: What a gRPC client accepts by default; the test stubs use a channel with default options.
+DEFAULT_CLIENT_LIMIT = 4 * 1024 * 1024
+
+
+async def _track_big(
+    stub: IdentityServiceStub, app: AppKeys, ref: user_ref_pb2.UserRef, count: int
+) -> list[str]:
+    """``count`` events of ~60 KB each, a second apart (two share an instant), oldest first."""
+    start = datetime.now(UTC) - timedelta(days=1)
+    items = []
+    for index in range(count):
+        item = pb.TrackedEventInput(
+            user=ref, name="page_view", event_id=f"big-{index:03d}-{uuid.uuid4().hex[:6]}"
+        )
+        item.properties.update({"blob": "x" * 60_000, "index": index})
+        item.occurred_at.FromDatetime(start + timedelta(seconds=min(index, count - 2)))
+        items.append(item)
+    ids = []
+    for first in range(0, count, 12):  # ~720 KB per call
+        ids += await _track(stub, app, ref, 0, items[first : first + 12])
+    return ids
+
+
+async def _export_pages(
+    stub: IdentityServiceStub, app: AppKeys, ref: user_ref_pb2.UserRef
+) -> list[pb.ExportUserResponse]:
+    pages = [await stub.ExportUser(pb.ExportUserRequest(ref=ref), metadata=app.server)]
+    while pages[-1].next_events_page_token:
+        request = pb.ExportUserRequest(ref=ref, events_page_token=pages[-1].next_events_page_token)
+        pages.append(await stub.ExportUser(request, metadata=app.server))
+    return pages
+
+
+async def test_a_big_history_is_exported_in_pages_a_default_client_accepts(
+    identity_stub: IdentityServiceStub, app: AppKeys
+) -> None:
+    cid = new_id()
+    await identity_stub.UpsertUser(pb.UpsertUserRequest(ref=ext(cid)), metadata=app.server)
+    big = await _track_big(identity_stub, app, ext(cid), 84)  # ~5 MB of events
+    # One user's events share a partition: once this one is stored, all before it are.
+    sentinel = await _track(identity_stub, app, ext(cid), 1)
+    await _wait_stored(identity_stub, app, ext(cid), set(sentinel))
+
+    pages = await _export_pages(identity_stub, app, ext(cid))
+    assert len(pages) >= 2
+    assert all(page.ByteSize() < DEFAULT_CLIENT_LIMIT for page in pages)
+    assert pages[0].user.external_id == cid
+    assert all(not page.HasField("user") and not page.merges for page in pages[1:])
+    exported = [e.event_id for page in pages for e in page.events]
+    assert exported == [*big, *sentinel]  # each once, oldest first (ties by event id)
+
+    # ListEvents pages are bounded by bytes the same way, whatever page_size asks for.
+    listed = []
+    request = pb.ListEventsRequest(user=ext(cid), page_size=1000)
+    while True:
+        page = await identity_stub.ListEvents(request, metadata=app.server)
+        assert page.ByteSize() < DEFAULT_CLIENT_LIMIT
+        listed += [e.event_id for e in page.events]
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert listed == list(reversed(exported))
+
+    # A token continues only the export it came from.
+    other = new_id()
+    await identity_stub.UpsertUser(pb.UpsertUserRequest(ref=ext(other)), metadata=app.server)
+    foreign = await failure(
+        identity_stub.ExportUser(
+            pb.ExportUserRequest(ref=ext(other), events_page_token=pages[0].next_events_page_token),
+            metadata=app.server,
+        )
+    )
+    assert (foreign.code, foreign.reason, foreign.fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+        ["events_page_token"],
     )
 
 

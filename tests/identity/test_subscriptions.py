@@ -4,9 +4,12 @@ token rule, the cap of 20 with push eviction, updates, assignment, tenancy and c
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
 import grpc
 import grpc.aio
 import pytest
@@ -459,6 +462,153 @@ async def test_beyond_20_the_least_recently_active_push_subscription_is_evicted(
     ).code == grpc.StatusCode.NOT_FOUND
     for kept in held[2:5]:
         await get(identity_stub, app, kept.subscription_id)
+
+
+async def _age(database: str, ages: dict[str, timedelta]) -> None:
+    """Make subscriptions last active ``ages`` ago, as only hours of real time would."""
+    conn = await asyncpg.connect(database)
+    try:
+        for subscription_id, age in ages.items():
+            await conn.execute(
+                "UPDATE subscriptions SET last_active_time = now() - $2::interval "
+                "WHERE subscription_id = $1",
+                uuid.UUID(subscription_id),
+                age,
+            )
+    finally:
+        await conn.close()
+
+
+async def _active_since(
+    identity_stub: Stub, app: TestApp, subscription_id: str, since: datetime
+) -> spb.Subscription:
+    """Poll until the subscription's last_active_time is at or after ``since``."""
+    deadline = time.monotonic() + 20
+    while True:
+        current = await get(identity_stub, app, subscription_id)
+        if current.last_active_time.ToDatetime(UTC) >= since:
+            return current
+        assert time.monotonic() < deadline, "the subscription's activity was never recorded"
+        await asyncio.sleep(0.05)
+
+
+async def test_events_tracked_by_a_device_keep_it_from_eviction(
+    identity_stub: Stub, app: TestApp, identity_database: str
+) -> None:
+    held = await _user_with(
+        identity_stub, app, [push(IOS), push(ANDROID), *(address(EMAIL) for _ in range(MAX - 2))]
+    )
+    a, b = held[0], held[1]
+    # Registered hours ago, A before B: without activity A would be the one to go.
+    await _age(
+        identity_database,
+        {a.subscription_id: timedelta(hours=3), b.subscription_id: timedelta(hours=2)},
+    )
+    before = datetime.now(UTC) - timedelta(seconds=1)
+
+    def app_open(at: datetime | None = None) -> pb.TrackEventsRequest:
+        item = pb.TrackedEventInput(
+            user=UserRef(subscription_id=a.subscription_id), name="app_open"
+        )
+        if at is not None:
+            item.occurred_at.FromDatetime(at)
+        return pb.TrackEventsRequest(events=[item])
+
+    await identity_stub.TrackEvents(app_open(), metadata=app.client)
+    active = await _active_since(identity_stub, app, a.subscription_id, before)
+    # Within the hour, more events do not write again (nor does a back-filled one go back).
+    await identity_stub.TrackEvents(app_open(), metadata=app.client)
+    await identity_stub.TrackEvents(
+        app_open(datetime.now(UTC) - timedelta(days=2)), metadata=app.client
+    )
+    sentinel = await identity_stub.TrackEvents(app_open(), metadata=app.client)
+    await _until_listed(identity_stub, app, a.subscription_id, sentinel.results[0].event_id)
+    assert (
+        await get(identity_stub, app, a.subscription_id)
+    ).last_active_time == active.last_active_time
+
+    await identity_stub.CreateSubscription(create(push(), by_id(a.user_id)), metadata=app.server)
+    gone = await failure(get(identity_stub, app, b.subscription_id))
+    assert gone.code == grpc.StatusCode.NOT_FOUND
+    assert (await get(identity_stub, app, a.subscription_id)).user_id == a.user_id
+
+
+async def _until_listed(
+    identity_stub: Stub, app: TestApp, subscription_id: str, event_id: str
+) -> None:
+    deadline = time.monotonic() + 20
+    request = pb.ListEventsRequest(user=UserRef(subscription_id=subscription_id))
+    while event_id not in {
+        e.event_id for e in (await identity_stub.ListEvents(request, metadata=app.server)).events
+    }:
+        assert time.monotonic() < deadline, "the tracked event was never stored"
+        await asyncio.sleep(0.05)
+
+
+async def test_login_counts_as_activity(
+    identity_stub: Stub, app: TestApp, identity_database: str
+) -> None:
+    device = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    await _age(identity_database, {device.subscription_id: timedelta(hours=5)})
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    await identity_stub.Login(
+        pb.LoginRequest(
+            subscription_id=device.subscription_id, external_id=f"crm-{uuid.uuid4().hex[:8]}"
+        ),
+        metadata=app.server,
+    )
+    current = await get(identity_stub, app, device.subscription_id)
+    assert current.last_active_time.ToDatetime(UTC) >= before
+
+
+# --- retrying a registration (request_id, AIP-155) ----------------------------------------------
+
+
+async def test_a_registration_retried_with_its_request_id_returns_the_same_subscription(
+    identity_stub: Stub, app: TestApp
+) -> None:
+    registration = address(EMAIL)
+    request_id = str(uuid.uuid4())
+    request = pb.CreateSubscriptionRequest(subscription=registration, request_id=request_id)
+    first = await identity_stub.CreateSubscription(request, metadata=app.client)
+    again = await identity_stub.CreateSubscription(request, metadata=app.client)
+    assert again.subscription_id == first.subscription_id
+    holder = await identity_stub.GetUser(
+        pb.GetUserRequest(ref=by_id(first.user_id)), metadata=app.server
+    )
+    assert [s.subscription_id for s in holder.subscriptions] == [first.subscription_id]
+    # Without the id (or with another one) it is the address registered twice: refused.
+    for other in ("", str(uuid.uuid4())):
+        request.request_id = other
+        error = await failure(identity_stub.CreateSubscription(request, metadata=app.client))
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.ALREADY_EXISTS,
+            "SUBSCRIPTION_ALREADY_EXISTS",
+        )
+    # Concurrent twins of a new registration make one subscription, and all learn its id.
+    twin = pb.CreateSubscriptionRequest(subscription=address(SMS), request_id=str(uuid.uuid4()))
+    results = await asyncio.gather(
+        *(identity_stub.CreateSubscription(twin, metadata=app.client) for _ in range(4))
+    )
+    assert len({r.subscription_id for r in results}) == 1
+
+
+async def test_a_request_id_is_a_uuid_for_one_registration_only(
+    identity_stub: Stub, app: TestApp
+) -> None:
+    request_id = str(uuid.uuid4())
+    await identity_stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(subscription=address(EMAIL), request_id=request_id),
+        metadata=app.client,
+    )
+    for bad in (request_id, "retry-1"):
+        error = await failure(
+            identity_stub.CreateSubscription(
+                pb.CreateSubscriptionRequest(subscription=address(EMAIL), request_id=bad),
+                metadata=app.client,
+            )
+        )
+        assert (error.code, error.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["request_id"])
 
 
 async def test_a_user_with_20_addresses_is_full(identity_stub: Stub, app: TestApp) -> None:
