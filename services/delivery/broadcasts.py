@@ -11,7 +11,16 @@
   second message.
 * **CSV** (client stream): the file is parsed as it arrives and enqueued page by page, so a
   1,000,000-row upload holds one page in memory, never the file. The call answers once every
-  row is enqueued.
+  row is enqueued. The upload holds the broadcast's advisory lock while it runs; an upload that
+  broke off (the client went away, the process died: the fan-out task fails a job left
+  ``fanning_out`` whose lock is free) is finished by uploading the file again with the same
+  request id, which streams it again under the same broadcast id: the rows already published
+  name the same messages, so nobody gets a second one.
+
+Lists (and CSVs, when the caller passes identity) name users by any ref: each page's refs are
+resolved to user ids (one BatchGetUsers) before the message ids are derived, so one user named
+by external id and by user id gets one message. A ref identity does not know stays a ref (its
+worker fails it ``USER_NOT_FOUND``).
 
 Memory stays flat whatever the audience: nothing holds more than one page of users.
 """
@@ -26,7 +35,7 @@ import io
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -44,8 +53,11 @@ from services.delivery.sends import check_templates
 from services.delivery.validation import MAX_NAME_LENGTH, check_ref, check_spec, parse_uuid
 from services.runtime import paging
 from services.runtime.app import ServiceContext
+from services.runtime.db import DBConnection as Conn
 from services.runtime.db import hold_session_state
 from services.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
     FieldViolations,
     InvalidArgument,
     NotFound,
@@ -68,7 +80,12 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _NAMESPACE = uuid.UUID("c3a7b7e2-5f0a-4c1d-8e6b-2d9f4a1b7c30")
-_LOCK_SPACE = 0x6272_6F61  # "broa": advisory locks of fan-outs
+_LOCK_SPACE = 0x6272_6F61  # "broa": advisory locks of fan-outs and CSV uploads
+#: The error of a CSV upload that broke off; the same request id resumes it.
+UPLOAD_INTERRUPTED = "upload interrupted; upload the file again with the same request_id"
+#: A CSV job left fanning_out with its lock free this long is failed by the fan-out task (its
+#: upload takes the lock before the row is visible: this is only a margin).
+_UPLOAD_GRACE = timedelta(seconds=10)
 
 
 def broadcast_not_found(broadcast_id: str) -> NotFound:
@@ -111,6 +128,55 @@ def _record(
     return record
 
 
+async def _resolve(
+    identity: IdentityClient | None, app_id: str, refs: Sequence[user_ref_pb2.UserRef]
+) -> list[user_ref_pb2.UserRef]:
+    """``refs`` with each one identity knows replaced by its user id (one BatchGetUsers), so a
+    user named by two refs gets one message id and ledger key. Unknown refs stay as they are."""
+    out = list(refs)
+    ask = [i for i, ref in enumerate(refs) if ref.WhichOneof("ref") != "user_id"]
+    if identity is None or not ask:
+        return out
+    users = await identity.batch_get_users(app_id, [refs[i] for i in ask])
+    for i, user in zip(ask, users, strict=True):
+        if user is not None:
+            out[i] = user_ref_pb2.UserRef(user_id=user.user_id)
+    return out
+
+
+def _lock_key(broadcast_id: uuid.UUID) -> int:
+    return int(broadcast_id.int & 0x7FFF_FFFF)
+
+
+async def _try_lock(conn: Conn, broadcast_id: uuid.UUID) -> bool:
+    """Take the broadcast's session advisory lock on ``conn`` (marked: the pool drops it)."""
+    hold_session_state(conn)
+    return bool(
+        await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", _LOCK_SPACE, _lock_key(broadcast_id)
+        )
+    )
+
+
+async def _lock_soon(conn: Conn, broadcast_id: uuid.UUID) -> bool:
+    """Take the lock, waiting up to 2 s for it (an upload that just failed lets go of it at
+    once); False if its holder keeps it."""
+    hold_session_state(conn)
+    try:
+        async with conn.transaction():  # a session lock: it outlives this transaction
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            await conn.execute(
+                "SELECT pg_advisory_lock($1, $2)", _LOCK_SPACE, _lock_key(broadcast_id)
+            )
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True
+
+
+async def _unlock(conn: Conn, broadcast_id: uuid.UUID) -> None:
+    await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_SPACE, _lock_key(broadcast_id))
+
+
 def _validate(broadcast: broadcast_pb2.Broadcast, field: str, *, csv_upload: bool) -> None:
     violations = FieldViolations()
     if len(broadcast.display_name) > MAX_NAME_LENGTH:
@@ -142,23 +208,27 @@ def _validate(broadcast: broadcast_pb2.Broadcast, field: str, *, csv_upload: boo
     violations.raise_if_any()
 
 
-async def _existing(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, app_id: str, request_id: str
-) -> broadcast_pb2.Broadcast | None:
+async def _existing_row(conn: Conn, app_id: str, request_id: str) -> asyncpg.Record | None:
     if not request_id:
         return None
-    row = await conn.fetchrow(
+    row: asyncpg.Record | None = await conn.fetchrow(
         "SELECT * FROM broadcasts WHERE app_id = $1 AND request_id = $2", app_id, request_id
     )
+    return row
+
+
+async def _existing(conn: Conn, app_id: str, request_id: str) -> broadcast_pb2.Broadcast | None:
+    row = await _existing_row(conn, app_id, request_id)
     return broadcast_from_row(row) if row is not None else None
 
 
 async def _insert(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    conn: Conn,
     app_id: str,
     broadcast: broadcast_pb2.Broadcast,
     request_id: str,
     now: datetime,
+    broadcast_id: uuid.UUID | None = None,
 ) -> asyncpg.Record | None:
     await check_templates(conn, app_id, broadcast.spec, "broadcast.spec")
     await ensure_app(conn, app_id)
@@ -171,7 +241,7 @@ async def _insert(
         RETURNING *
         """,
         app_id,
-        uuid.uuid4(),
+        broadcast_id or uuid.uuid4(),
         request_id,
         broadcast.display_name,
         broadcast.audience.SerializeToString(),
@@ -350,11 +420,12 @@ async def _publish(
     cursor: str,
     *,
     done: bool = False,
+    conn: Conn | None = None,
 ) -> bool:
     """Publish a page, then save progress; False when the broadcast was cancelled."""
     if records:
         await ctx.producer.send_many(DELIVERY_REQUESTS, [(record_key(r), r) for r in records])
-    status = await ctx.pool.execute(
+    status = await (conn or ctx.pool).execute(
         """
         UPDATE broadcasts SET enqueued = enqueued + $3, cursor = $4, update_time = $5,
             state = CASE WHEN $6 THEN 'enqueued' ELSE state END,
@@ -409,17 +480,29 @@ class FanOut:
             for row in rows:
                 audience = broadcast_pb2.Audience.FromString(row["audience"])
                 if audience.WhichOneof("kind") == "csv":
-                    continue  # fanned out by its upload call
+                    await self._sweep_upload(row)  # fanned out by its upload call
+                    continue
                 await self._locked(row, audience)
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), 1.0)
 
-    async def _locked(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
-        lock = int(row["broadcast_id"].int & 0x7FFF_FFFF)
+    async def _sweep_upload(self, row: asyncpg.Record) -> None:
+        """Fail a CSV job whose upload is gone (its lock is free: the process died), so that
+        it shows as failed and the same request id resumes it."""
+        if self.ctx.clock() - row["update_time"] < _UPLOAD_GRACE:
+            return
         async with self.ctx.pool.acquire() as conn:
-            hold_session_state(conn)
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_SPACE, lock):
+            if not await _try_lock(conn, row["broadcast_id"]):
+                return  # its upload is running
+            try:
+                await _fail(self.ctx, row["app_id"], row["broadcast_id"], UPLOAD_INTERRUPTED)
+            finally:
+                await _unlock(conn, row["broadcast_id"])
+
+    async def _locked(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
+        async with self.ctx.pool.acquire() as conn:
+            if not await _try_lock(conn, row["broadcast_id"]):
                 return  # another replica has it
             try:
                 fresh = await conn.fetchrow(
@@ -430,7 +513,7 @@ class FanOut:
                 if fresh is not None and fresh["state"] == "fanning_out":
                     await self._fan_out(fresh, audience)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_SPACE, lock)
+                await _unlock(conn, row["broadcast_id"])
 
     async def _fan_out(self, row: asyncpg.Record, audience: broadcast_pb2.Audience) -> None:
         app_id, broadcast_id = row["app_id"], row["broadcast_id"]
@@ -457,7 +540,7 @@ class FanOut:
                 start = int(row["cursor"] or 0)
                 refs = audience.users.refs
                 while True:
-                    page = refs[start : start + PAGE]
+                    page = await _resolve(self.identity, app_id, refs[start : start + PAGE])
                     start += len(page)
                     records = [_record(app_id, broadcast_id, r, occurred, expire) for r in page]
                     done = start >= len(refs)
@@ -549,18 +632,14 @@ def _csv_ref(column: str, value: str) -> user_ref_pb2.UserRef | None:
     return user_ref_pb2.UserRef(alias=user_ref_pb2.UserRef.Alias(label=label, value=value))
 
 
-async def broadcast_csv(
-    ctx: ServiceContext,
-    app_id: str,
-    requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest],
-) -> broadcast_pb2.Broadcast:
-    """A broadcast to the users of an uploaded CSV, enqueued as the file streams in.
+def _csv_options(
+    first: delivery_service_pb2.BroadcastCsvRequest | None,
+) -> delivery_service_pb2.BroadcastCsvOptions:
+    """The upload's options, checked.
 
     Raises:
-        InvalidArgument: No options first, bad options, a chunk too large, a file without the
-            ref column.
+        InvalidArgument: No options first, bad options.
     """
-    first = await anext(requests, None)
     if first is None or first.WhichOneof("part") != "options":
         raise InvalidArgument(
             "send the options first, then the file",
@@ -580,55 +659,163 @@ async def broadcast_csv(
             reason="REQUIRED",
         )
         violations.raise_if_any()
+    return options
+
+
+async def broadcast_csv(
+    ctx: ServiceContext,
+    app_id: str,
+    requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest],
+    identity: IdentityClient | None = None,
+) -> broadcast_pb2.Broadcast:
+    """A broadcast to the users of an uploaded CSV, enqueued as the file streams in. With the
+    request id of an upload that broke off, the file is streamed again into that broadcast.
+
+    ``identity`` resolves each page's refs to user ids (without it, refs are kept as given).
+
+    Raises:
+        InvalidArgument: No options first, bad options, a chunk too large, a file without the
+            ref column.
+        Aborted: The upload of this request id is still running.
+        FailedPrecondition: The request id names an upload with other options.
+    """
+    options = _csv_options(await anext(requests, None))
     broadcast = broadcast_pb2.Broadcast()
     broadcast.CopyFrom(options.broadcast)
-    broadcast.audience.csv.CopyFrom(broadcast_pb2.Audience.CsvFile(ref_column=column))
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        existing = await _existing(conn, app_id, options.request_id)
-        if existing is not None:
-            async for _ in requests:
-                pass
-            return existing
-        row = await _insert(conn, app_id, broadcast, options.request_id, ctx.clock())
-        if row is None:
-            found = await _existing(conn, app_id, options.request_id)
-            assert found is not None
-            return found
-    broadcast_id = row["broadcast_id"]
-    occurred, expire = _times(row)
-    parser = _CsvRows()
-    header: list[str] | None = None
-    ref_index = -1
-    rows_read = rejected = 0
-    page: list[FanOutRecord] = []
+    broadcast.audience.csv.CopyFrom(broadcast_pb2.Audience.CsvFile(ref_column=options.ref_column))
+    # This connection holds the job's advisory lock for the whole upload (so other calls and
+    # the fan-out task know it is alive) and saves its progress.
+    async with ctx.pool.acquire() as conn:
+        job = await _claim_upload(ctx, conn, app_id, broadcast, options.request_id)
+        if not isinstance(job, broadcast_pb2.Broadcast):
+            await _run_upload(ctx, conn, identity, app_id, job, broadcast, requests)
+    if isinstance(job, broadcast_pb2.Broadcast):
+        async for _ in requests:
+            pass
+        return job
+    return await get_broadcast(ctx.pool, app_id, str(job["broadcast_id"]))
 
-    def take(rows: list[list[str]]) -> None:
-        nonlocal header, ref_index, rows_read, rejected
-        for cells in rows:
-            if header is None:
-                header = [cell.strip() for cell in cells]
-                if column not in header:
-                    raise InvalidArgument(
-                        f"the file has no {column!r} column",
-                        reason="CSV_REF_COLUMN_MISSING",
-                    )
-                ref_index = header.index(column)
-                continue
-            if not any(cell.strip() for cell in cells):
-                continue
-            rows_read += 1
-            ref = _csv_ref(column, cells[ref_index]) if ref_index < len(cells) else None
-            if ref is None:
-                rejected += 1
-                continue
-            data = {
-                name: cells[i]
-                for i, name in enumerate(header)
-                if i != ref_index and i < len(cells) and name
-            }
-            page.append(_record(app_id, broadcast_id, ref, occurred, expire, data))
 
+async def _run_upload(
+    ctx: ServiceContext,
+    conn: Conn,
+    identity: IdentityClient | None,
+    app_id: str,
+    job: asyncpg.Record,
+    broadcast: broadcast_pb2.Broadcast,
+    requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest],
+) -> None:
+    """Stream the file into the job locked on ``conn``; whatever stops it fails the job (the
+    same request id resumes it)."""
     try:
+        await _Upload(ctx, conn, identity, app_id, job, broadcast).stream(requests)
+    except BaseException as exc:
+        reason = exc.message if isinstance(exc, InvalidArgument) else UPLOAD_INTERRUPTED
+        # On the pool, not ``conn``: a second cancellation may release ``conn`` meanwhile.
+        await asyncio.shield(_fail(ctx, app_id, job["broadcast_id"], reason))
+        raise
+    # The lock goes when ``conn`` returns to the pool (reset in full: see hold_session_state),
+    # even when a cancelled query left ``conn`` unusable.
+
+
+async def _claim_upload(
+    ctx: ServiceContext,
+    conn: Conn,
+    app_id: str,
+    broadcast: broadcast_pb2.Broadcast,
+    request_id: str,
+) -> asyncpg.Record | broadcast_pb2.Broadcast:
+    """The job this upload streams into, its lock taken on ``conn``: a new one, or the
+    unfinished CSV job of the same request id; or the answer of a finished job."""
+    new_id = uuid.uuid4()
+    while not await _try_lock(conn, new_id):  # a lock key is 31 bits: skip one in use
+        new_id = uuid.uuid4()
+    # Locked before its row is visible, so no one ever sees a new upload unlocked.
+    async with conn.transaction():
+        row = await _existing_row(conn, app_id, request_id)
+        if row is None:
+            row = await _insert(conn, app_id, broadcast, request_id, ctx.clock(), new_id)
+            if row is not None:
+                return row
+            row = await _existing_row(conn, app_id, request_id)  # a concurrent call won
+            assert row is not None
+    await _unlock(conn, new_id)
+    return await _reopen(ctx, conn, row, broadcast, request_id)
+
+
+async def _reopen(
+    ctx: ServiceContext,
+    conn: Conn,
+    row: asyncpg.Record,
+    broadcast: broadcast_pb2.Broadcast,
+    request_id: str,
+) -> asyncpg.Record | broadcast_pb2.Broadcast:
+    """Take over the CSV job of a broken-off upload (failed, or fanning out with its lock free)
+    to stream the file again; other jobs of the request id are answered as they are."""
+    audience = broadcast_pb2.Audience.FromString(row["audience"])
+    if row["state"] not in ("fanning_out", "failed") or audience.WhichOneof("kind") != "csv":
+        return broadcast_from_row(row)
+    if audience.csv.ref_column != broadcast.audience.csv.ref_column or (
+        message_pb2.MessageSpec.FromString(row["spec"]) != broadcast.spec
+    ):
+        raise FailedPrecondition(
+            "options.request_id names an upload with another ref_column or spec",
+            reason="REQUEST_ID_REUSED",
+            metadata={"request_id": request_id},
+        )
+    broadcast_id = row["broadcast_id"]
+    if not await _lock_soon(conn, broadcast_id):
+        raise Aborted(
+            f"the upload of options.request_id {request_id} is still running; "
+            "retry once it has ended",
+            reason="BROADCAST_UPLOAD_RUNNING",
+            metadata={"request_id": request_id, "broadcast_id": str(broadcast_id)},
+        )
+    # The file is streamed again from its start: enqueued counts this upload's rows.
+    reopened: asyncpg.Record | None = await conn.fetchrow(
+        """
+        UPDATE broadcasts SET state = 'fanning_out', error = '', enqueued = 0, cursor = '',
+                              update_time = $3
+        WHERE app_id = $1 AND broadcast_id = $2 AND state IN ('fanning_out', 'failed')
+        RETURNING *
+        """,
+        row["app_id"],
+        broadcast_id,
+        ctx.clock(),
+    )
+    if reopened is None:  # cancelled meanwhile
+        await _unlock(conn, broadcast_id)
+        return await get_broadcast(ctx.pool, row["app_id"], str(broadcast_id))
+    return reopened
+
+
+class _Upload:
+    """One CSV file streamed into a broadcast job, page by page."""
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        conn: Conn,
+        identity: IdentityClient | None,
+        app_id: str,
+        row: asyncpg.Record,
+        broadcast: broadcast_pb2.Broadcast,
+    ) -> None:
+        self._ctx, self._conn, self._identity, self._app_id = ctx, conn, identity, app_id
+        self._id: uuid.UUID = row["broadcast_id"]
+        self._times = _times(row)
+        self._broadcast = broadcast
+        self._column = broadcast.audience.csv.ref_column
+        self._header: list[str] | None = None
+        self._ref_index = -1
+        self._rows = self._rejected = 0
+        self._page: list[tuple[user_ref_pb2.UserRef, dict[str, str]]] = []
+
+    async def stream(
+        self, requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest]
+    ) -> None:
+        """Read the chunks, publish full pages, then the last one with the row counts."""
+        parser = _CsvRows()
         async for message in requests:
             if message.WhichOneof("part") != "chunk":
                 raise InvalidArgument(
@@ -636,25 +823,57 @@ async def broadcast_csv(
                 )
             if len(message.chunk) > MAX_CHUNK_BYTES:
                 raise InvalidArgument("a chunk is at most 1 MiB", reason="CSV_CHUNK_TOO_LARGE")
-            take(parser.feed(message.chunk))
-            if len(page) >= PAGE:
-                if not await _publish(ctx, app_id, broadcast_id, page, ""):
-                    break  # cancelled
-                page = []
-        take(parser.feed(b"", final=True))
-        if header is None:
+            self._take(parser.feed(message.chunk))
+            if len(self._page) >= PAGE and not await self._publish():
+                break  # cancelled
+        self._take(parser.feed(b"", final=True))
+        if self._header is None:
             raise InvalidArgument("the file is empty", reason="CSV_EMPTY")
-        broadcast.audience.csv.rows = rows_read
-        broadcast.audience.csv.rejected_rows = rejected
-        await ctx.pool.execute(
+        csv_file = self._broadcast.audience.csv
+        csv_file.rows, csv_file.rejected_rows = self._rows, self._rejected
+        await self._conn.execute(
             "UPDATE broadcasts SET audience = $3 WHERE app_id = $1 AND broadcast_id = $2",
-            app_id,
-            broadcast_id,
-            broadcast.audience.SerializeToString(),
+            self._app_id,
+            self._id,
+            self._broadcast.audience.SerializeToString(),
         )
-        await _publish(ctx, app_id, broadcast_id, page, "", done=True)
-    except BaseException as exc:
-        reason = exc.message if isinstance(exc, InvalidArgument) else "the upload was interrupted"
-        await asyncio.shield(_fail(ctx, app_id, broadcast_id, reason))
-        raise
-    return await get_broadcast(ctx.pool, app_id, str(broadcast_id))
+        await self._publish(done=True)
+
+    def _take(self, rows: list[list[str]]) -> None:
+        for cells in rows:
+            if self._header is None:
+                self._header = [cell.strip() for cell in cells]
+                if self._column not in self._header:
+                    raise InvalidArgument(
+                        f"the file has no {self._column!r} column",
+                        reason="CSV_REF_COLUMN_MISSING",
+                    )
+                self._ref_index = self._header.index(self._column)
+                continue
+            if not any(cell.strip() for cell in cells):
+                continue
+            self._rows += 1
+            index = self._ref_index
+            ref = _csv_ref(self._column, cells[index]) if index < len(cells) else None
+            if ref is None:
+                self._rejected += 1
+                continue
+            data = {
+                name: cells[i]
+                for i, name in enumerate(self._header)
+                if i != index and i < len(cells) and name
+            }
+            self._page.append((ref, data))
+
+    async def _publish(self, *, done: bool = False) -> bool:
+        """Resolve and publish the page; False when the broadcast was cancelled."""
+        refs = await _resolve(self._identity, self._app_id, [ref for ref, _ in self._page])
+        occurred, expire = self._times
+        records = [
+            _record(self._app_id, self._id, ref, occurred, expire, data)
+            for ref, (_, data) in zip(refs, self._page, strict=True)
+        ]
+        self._page = []
+        return await _publish(
+            self._ctx, self._app_id, self._id, records, "", done=done, conn=self._conn
+        )

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
+import pytest
 from tidings.delivery.v1 import broadcast_pb2, channel_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import segment_pb2, user_pb2
+from tidings.identity.v1 import subscription_pb2 as spb
 
 from tests.delivery.sink import Sink
 from tests.delivery.support import DeliveryHarness, by_id, ext, inline, webhook
@@ -78,6 +80,31 @@ async def test_list_broadcast_sends_one_message_per_user(
     assert sink.duplicates == 0
 
 
+async def test_a_user_named_by_two_refs_gets_one_message(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    """Refs are resolved to user ids before the message ids are derived: a list naming a user
+    by user id and by external id sends once."""
+    await harness.webhook_channel()
+    twice, once = await harness.user(), await harness.user()
+    refs = [by_id(twice.user_id), ext(twice.external_id), ext(once.external_id)]
+    created = await harness.delivery.Broadcast(
+        dpb.BroadcastRequest(
+            broadcast=_broadcast(
+                sink, broadcast_pb2.Audience(users=broadcast_pb2.Audience.UserList(refs=refs))
+            )
+        ),
+        metadata=harness.server,
+    )
+    done = await _wait_done(harness, created.broadcast_id, 2)
+    assert (done.enqueued_count, done.sent_count, done.failed_count) == (3, 2, 0)
+    assert await _stored_messages(harness, created.broadcast_id) == 2
+    assert sorted(json.loads(r.body)["user"] for r in sink.received) == sorted(
+        [twice.user_id, once.user_id]
+    )
+    assert sink.duplicates == 0
+
+
 async def test_csv_broadcast_streams_rows_and_their_data(
     harness: DeliveryHarness, sink: Sink
 ) -> None:
@@ -103,6 +130,47 @@ async def test_csv_broadcast_streams_rows_and_their_data(
     await _wait_done(harness, created.broadcast_id, 4)
     got = {json.loads(r.body)["user"]: json.loads(r.body)["code"] for r in sink.received}
     assert got == {u.user_id: f"C{i}" for i, u in enumerate(users)}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="services/delivery/server.py must pass identity to broadcasts.broadcast_csv",
+)
+async def test_csv_naming_a_user_by_two_subscriptions_sends_once(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    subscriptions = [
+        await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_EMAIL, f"{n}@example.com")
+        for n in ("home", "work")
+    ]
+    payload = "subscription_id\n" + "".join(f"{s.subscription_id}\n" for s in subscriptions)
+
+    async def upload() -> AsyncIterator[dpb.BroadcastCsvRequest]:
+        yield dpb.BroadcastCsvRequest(
+            options=dpb.BroadcastCsvOptions(
+                broadcast=_broadcast(sink, broadcast_pb2.Audience()), ref_column="subscription_id"
+            )
+        )
+        yield dpb.BroadcastCsvRequest(chunk=payload.encode())
+
+    created = await harness.delivery.BroadcastCsv(upload(), metadata=harness.server)
+    done = await _wait_done(harness, created.broadcast_id, 1)
+    assert (done.enqueued_count, done.sent_count, done.failed_count) == (2, 1, 0)
+    assert await _stored_messages(harness, created.broadcast_id) == 1
+    assert [json.loads(r.body)["user"] for r in sink.received] == [user.user_id]
+
+
+async def _stored_messages(harness: DeliveryHarness, broadcast_id: str) -> int:
+    conn = await asyncpg.connect(harness.database_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE broadcast_id = $1", uuid.UUID(broadcast_id)
+        )
+    finally:
+        await conn.close()
+    return count
 
 
 async def test_csv_without_the_ref_column_is_refused(harness: DeliveryHarness, sink: Sink) -> None:
