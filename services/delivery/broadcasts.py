@@ -17,7 +17,7 @@
   request id, which streams it again under the same broadcast id: the rows already published
   name the same messages, so nobody gets a second one.
 
-Lists (and CSVs, when the caller passes identity) name users by any ref: each page's refs are
+Lists and CSVs name users by any ref: each page's refs are
 resolved to user ids (one BatchGetUsers) before the message ids are derived, so one user named
 by external id and by user id gets one message. A ref identity does not know stays a ref (its
 worker fails it ``USER_NOT_FOUND``).
@@ -129,13 +129,13 @@ def _record(
 
 
 async def _resolve(
-    identity: IdentityClient | None, app_id: str, refs: Sequence[user_ref_pb2.UserRef]
+    identity: IdentityClient, app_id: str, refs: Sequence[user_ref_pb2.UserRef]
 ) -> list[user_ref_pb2.UserRef]:
     """``refs`` with each one identity knows replaced by its user id (one BatchGetUsers), so a
     user named by two refs gets one message id and ledger key. Unknown refs stay as they are."""
     out = list(refs)
     ask = [i for i, ref in enumerate(refs) if ref.WhichOneof("ref") != "user_id"]
-    if identity is None or not ask:
+    if not ask:
         return out
     users = await identity.batch_get_users(app_id, [refs[i] for i in ask])
     for i, user in zip(ask, users, strict=True):
@@ -666,12 +666,12 @@ async def broadcast_csv(
     ctx: ServiceContext,
     app_id: str,
     requests: AsyncIterator[delivery_service_pb2.BroadcastCsvRequest],
-    identity: IdentityClient | None = None,
+    identity: IdentityClient,
 ) -> broadcast_pb2.Broadcast:
     """A broadcast to the users of an uploaded CSV, enqueued as the file streams in. With the
     request id of an upload that broke off, the file is streamed again into that broadcast.
 
-    ``identity`` resolves each page's refs to user ids (without it, refs are kept as given).
+    ``identity`` resolves each page's refs to user ids (one user named by two refs: one message).
 
     Raises:
         InvalidArgument: No options first, bad options, a chunk too large, a file without the
@@ -699,7 +699,7 @@ async def broadcast_csv(
 async def _run_upload(
     ctx: ServiceContext,
     conn: Conn,
-    identity: IdentityClient | None,
+    identity: IdentityClient,
     app_id: str,
     job: asyncpg.Record,
     broadcast: broadcast_pb2.Broadcast,
@@ -796,7 +796,7 @@ class _Upload:
         self,
         ctx: ServiceContext,
         conn: Conn,
-        identity: IdentityClient | None,
+        identity: IdentityClient,
         app_id: str,
         row: asyncpg.Record,
         broadcast: broadcast_pb2.Broadcast,

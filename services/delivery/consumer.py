@@ -6,6 +6,9 @@ at the records written since its database was created, not at the topic's beginn
 from before cannot be for it (its apps did not exist here), and reading the whole retention of a
 shared broker would delay its first send by minutes. The first replica to start commits those
 offsets for the group; later ones find them committed.
+
+On every rebalance the worker learns how many of the partitions it owns and takes that share
+of each provider rate limit (:mod:`services.delivery.rate_limit`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ async def run_worker(ctx: ServiceContext, worker: Worker) -> None:
         max_batch=int(getattr(settings, "worker_batch", 2000)),
         retries=5,
         retry_backoff=0.5,
+        on_partitions=worker.set_partitions,  # each worker's share of the rate limits
     )
     async with consumer:
         await consumer.run()

@@ -16,8 +16,9 @@ Rules, in the order they apply (the first that refuses wins):
    opted in or not, and needs no channel. None reachable -> FAILED with the first option's
    reason (``NO_SUBSCRIPTION``, ``NOT_OPTED_IN``, ``SUBSCRIPTION_DISABLED``,
    ``CHANNEL_NOT_CONFIGURED``, ``CHANNEL_DISABLED``, ``CHANNEL_UNAVAILABLE``). Subscription
-   state is read from identity right before the provider call (per batch), so an unsubscribe
-   committed before it wins.
+   state is read from identity per batch and read again (:func:`recheck_target`) before a
+   claim whose profiles are older than a second (a rate-limited channel's later calls), so an
+   unsubscribe or erasure committed before the call wins.
 4. **Quiet hours** (unless bypassed): inside the window in the user's time zone (else the app's
    default zone, else UTC) -> DEFERRED to the window's end, ``QUIET_HOURS``.
 5. **Frequency cap** (unless bypassed; the send's cap overrides the app's): the user already got
@@ -47,6 +48,7 @@ __all__ = [
     "cap_verdict",
     "choose_target",
     "quiet_hours_end",
+    "recheck_target",
     "user_zone",
 ]
 
@@ -148,6 +150,31 @@ def choose_target(
                     return Target(index, channel, subscription)
         first_problem = first_problem or problem
     return first_problem or "NO_SUBSCRIPTION"
+
+
+def recheck_target(user: user_pb2.User | None, target: Target) -> Target | str:
+    """``target`` against a profile read again just before the call: the target with the
+    subscription as it is now, or why it can no longer be used.
+
+    The channel stays the one chosen (its content is rendered for it); within it the usual
+    rule picks the subscription again, so an opted-out chat fails ``NOT_OPTED_IN`` unless the
+    user has another usable one on that channel.
+
+    Args:
+        user: The profile identity answered now (None: erased or gone -> ``USER_NOT_FOUND``).
+        target: What :func:`choose_target` chose from the earlier read.
+    """
+    if user is None:
+        return "USER_NOT_FOUND"
+    if target.subscription is None:  # webhooks need none
+        return target
+    if target.channel is Channel.IN_APP:
+        subscription, problem = _device_subscription(user)
+    else:
+        subscription, problem = _subscription_problem(user, [target.channel])
+    if subscription is None:
+        return problem
+    return Target(target.option_index, target.channel, subscription)
 
 
 def user_zone(user: user_pb2.User, default_timezone: str) -> zoneinfo.ZoneInfo:

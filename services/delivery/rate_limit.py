@@ -1,9 +1,15 @@
-"""Token buckets per (app, channel): the provider rate limits of one worker process.
+"""Token buckets per (app, channel): the provider rate limits, shared out between workers.
 
 A bucket holds up to one second of tokens and refills continuously; :meth:`TokenBucket.take`
 waits until a token is there. The rate comes from the channel's ``rate_limit_per_second``, or
 the provider's default (what the providers document as safe: Telegram 30/s per bot, WhatsApp
 80/s, Twilio 100/s...); webhooks are unlimited unless configured.
+
+The rate is the whole deployment's, not one process's: each worker takes the share of it
+that matches its share of the ``delivery.requests`` partitions (:meth:`RateLimits.set_share`,
+called on every consumer-group rebalance), so N workers together stay at the configured rate
+without talking to each other per message. Records are keyed by user id, so the partitions
+carry about equal work and the shares about match the load.
 """
 
 from __future__ import annotations
@@ -45,34 +51,64 @@ class TokenBucket:
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self) -> None:
-        """Wait for a token and take it (callers are served in arrival order)."""
+    def set_rate(self, rate: float) -> None:
+        """Change the rate, keeping the tokens already there (up to the new capacity): a
+        changed share must not hand out a fresh second of burst."""
+        self._refill()
+        self.rate = rate
+        self._capacity = max(1.0, rate)
+        self._tokens = min(self._tokens, self._capacity)
+
+    async def take(self) -> float:
+        """Wait for a token and take it (callers are served in arrival order); returns the
+        seconds it waited (0.0: a token was there)."""
         if self.rate <= 0:
-            return
+            return 0.0
+        started = self._clock()
         async with self._lock:
             self._refill()
             if self._tokens < 1:
                 await asyncio.sleep((1 - self._tokens) / self.rate)
                 self._refill()
             self._tokens -= 1
+        return self._clock() - started
 
 
 class RateLimits:
-    """The buckets of one process, made on first use and re-made when a rate changes."""
+    """The buckets of one worker, made on first use and re-rated when a rate or the worker's
+    share changes."""
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, Channel], TokenBucket] = {}
+        self._share = 1.0
 
-    @staticmethod
-    def rate(channel: Channel, configured: float) -> float:
-        """Calls per second on ``channel``: the configured rate, else the provider default
-        (0: unlimited)."""
-        return configured or DEFAULT_RATES.get(channel, 0.0)
+    @property
+    def share(self) -> float:
+        """The fraction of each configured rate this worker may use (1.0 alone)."""
+        return self._share
+
+    def set_share(self, owned: int, total: int) -> None:
+        """Take ``owned / total`` of every rate: this worker's partitions of the topic.
+
+        A worker between a revocation and its next assignment keeps at least one partition's
+        share, so a batch it is finishing still sends (slowly) rather than unlimited.
+        """
+        if total <= 0:
+            return
+        self._share = min(1.0, max(1, owned) / total)
+
+    def rate(self, channel: Channel, configured: float) -> float:
+        """This worker's calls per second on ``channel``: its share of the configured rate,
+        else of the provider default (0: unlimited)."""
+        return (configured or DEFAULT_RATES.get(channel, 0.0)) * self._share
 
     def bucket(self, app_id: str, channel: Channel, configured: float) -> TokenBucket:
-        """The bucket of (app, channel) at the configured rate (0: the provider default)."""
+        """The bucket of (app, channel) at this worker's rate (``configured`` 0: the provider
+        default)."""
         rate = self.rate(channel, configured)
         bucket = self._buckets.get((app_id, channel))
-        if bucket is None or bucket.rate != rate:
+        if bucket is None:
             bucket = self._buckets[(app_id, channel)] = TokenBucket(rate)
+        elif bucket.rate != rate:
+            bucket.set_rate(rate)
         return bucket

@@ -2,11 +2,17 @@
 
 The call validates everything it can without identity (refs, spec, templates exist and suit
 their channels), then in one transaction creates a ``queued`` message per recipient (or
-``deferred`` until ``send_time``), puts their fan-out records in the outbox (exactly once on
-``delivery.requests``), and stores the answer under the idempotency key. The same key within 30
-days returns that answer (``replayed``) and sends nothing; the same key with a different request
-fails with FAILED_PRECONDITION (``IDEMPOTENCY_KEY_REUSED``). Recipients are resolved by the
-workers: an unknown user fails later, visible on the message.
+``deferred`` until ``send_time``, with its DEFERRED ``SEND_AT`` timeline entry and receipt),
+puts their fan-out records in the outbox (exactly once on ``delivery.requests``), and stores the
+answer under the idempotency key. The same key within 30 days returns that answer (``replayed``)
+and sends nothing; the same key with a different request fails with FAILED_PRECONDITION
+(``IDEMPOTENCY_KEY_REUSED``).
+
+Partial success: a malformed recipient ref is refused on its own (its result has no message id
+and an INVALID_ARGUMENT ``error`` naming ``users[i]…``); the others are sent, and the call
+answers OK even when every recipient is refused (the results say why). A bad spec, key or
+recipient count still fails the whole call. Recipients are resolved by the workers: an unknown
+user fails later, visible on the message (Send does not call identity).
 
 Each recipient's ledger key is ``send:<key>:<message id>`` (``msg:<message id>`` without a
 key), so a redelivered record or a retried worker batch never makes a second provider call.
@@ -20,17 +26,25 @@ from datetime import datetime, timedelta
 
 import asyncpg
 from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
 from tidings.delivery.v1 import delivery_service_pb2, message_pb2
 from tidings.events.v1.send_request_pb2 import SendRequest as FanOutRecord
+from tidings.identity.v1 import user_ref_pb2
 
 from services.delivery import channels
 from services.delivery.app_settings import ensure_app
 from services.delivery.jobs import record_key
 from services.delivery.messages_store import NewMessage, insert_missing
+from services.delivery.receipts import Fact, record_facts
 from services.delivery.templates import load_templates
 from services.delivery.validation import check_idempotency_key, check_ref, check_spec
 from services.runtime import outbox
-from services.runtime.errors import FailedPrecondition, FieldViolations
+from services.runtime.errors import (
+    FailedPrecondition,
+    FieldViolations,
+    InvalidArgument,
+    to_status_proto,
+)
 from services.runtime.kafka import DELIVERY_REQUESTS
 
 __all__ = ["IDEMPOTENCY_WINDOW", "MAX_RECIPIENTS", "check_templates", "send"]
@@ -82,11 +96,24 @@ def _validate(request: delivery_service_pb2.SendRequest) -> None:
         violations.add("users", "at least one recipient is required", reason="REQUIRED")
     if len(request.users) > MAX_RECIPIENTS:
         violations.add("users", f"at most {MAX_RECIPIENTS} recipients; use Broadcast for more")
-    for i, ref in enumerate(request.users[:MAX_RECIPIENTS]):
-        check_ref(violations, f"users[{i}]", ref)
     check_spec(violations, "spec", request.spec)
     check_idempotency_key(violations, "idempotency_key", request.idempotency_key)
     violations.raise_if_any()
+
+
+def _refusal(field: str, ref: user_ref_pb2.UserRef) -> status_pb2.Status | None:
+    """Why the recipient ``ref`` (at ``field``) is refused, as its result's error; None if
+    it is well-formed."""
+    violations = FieldViolations()
+    check_ref(violations, field, ref)
+    if not violations:
+        return None
+    names = ", ".join(dict.fromkeys(v.field for v in violations))
+    error = InvalidArgument(
+        f"invalid recipient: {names}", reason="INVALID_RECIPIENT", field_violations=violations
+    )
+    status: status_pb2.Status = to_status_proto(error, domain="delivery")
+    return status
 
 
 def _request_hash(request: delivery_service_pb2.SendRequest) -> bytes:
@@ -119,6 +146,21 @@ async def _replay(
     response = delivery_service_pb2.SendResponse.FromString(row["response"])
     response.replayed = True
     return response
+
+
+def _send_at_fact(row: NewMessage, detail: str, now: datetime) -> Fact:
+    return Fact(
+        app_id=row.app_id,
+        message_id=row.message_id,
+        user_id=row.user_id,
+        status=message_pb2.MESSAGE_STATUS_DEFERRED,
+        time=now,
+        reason="SEND_AT",
+        detail=detail,
+        idempotency_key=row.idempotency_key,
+        # Distinct from the worker's later deferrals of dispatch 0 (quiet hours, caps).
+        nth="send_at",
+    )
 
 
 async def send(
@@ -155,7 +197,11 @@ async def send(
         records: list[tuple[str, FanOutRecord]] = []
         occurred = timestamp_pb2.Timestamp()
         occurred.FromDatetime(now)
-        for ref in request.users:
+        for i, ref in enumerate(request.users):
+            refused = _refusal(f"users[{i}]", ref)
+            if refused is not None:
+                response.results.add(error=refused)
+                continue
             message_id = uuid.uuid4()
             ledger_key = f"send:{key}:{message_id}" if key else f"msg:{message_id}"
             record = FanOutRecord(
@@ -195,17 +241,9 @@ async def send(
             response.results.add(message_id=str(message_id))
         await insert_missing(conn, rows, now)
         if deferred:
-            await conn.execute(
-                """
-                INSERT INTO message_events (app_id, message_id, status, reason, detail, time)
-                SELECT $1, unnest($2::uuid[]), $3, 'SEND_AT', $4, $5
-                """,
-                app_id,
-                [row.message_id for row in rows],
-                message_pb2.MESSAGE_STATUS_DEFERRED,
-                f"waits until {send_at.isoformat() if send_at else ''}",
-                now,
-            )
+            # Like every other deferral: a timeline entry and a DEFERRED receipt.
+            detail = f"waits until {send_at.isoformat() if send_at else ''}"
+            await record_facts(conn, [_send_at_fact(row, detail, now) for row in rows])
         await outbox.enqueue_many(conn, DELIVERY_REQUESTS, records)
         if key:
             await conn.execute(

@@ -317,7 +317,9 @@ class DeliveryServicer(delivery_service_pb2_grpc.DeliveryServiceServicer):
     ) -> broadcast_pb2.Broadcast:
         """Broadcast to the users of an uploaded CSV file."""
         caller = server_app()
-        return await broadcasts.broadcast_csv(self._ctx, caller.app_id, request_iterator)
+        return await broadcasts.broadcast_csv(
+            self._ctx, caller.app_id, request_iterator, self._parts.identity
+        )
 
     async def GetBroadcast(
         self, request: delivery_service_pb2.GetBroadcastRequest, context: _Context

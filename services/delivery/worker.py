@@ -8,7 +8,11 @@ Per polled batch (records of many users and apps):
    written once, when decided). A redelivered record, a stale dispatch, or a message another
    worker already took does nothing.
 2. Recipients are resolved with one identity ``BatchGetUsers`` per app (not per message), right
-   before sending: the subscription state and erasures it shows are the latest.
+   before sending. Sends that wait (rate limits, a full window) would use an old read: before
+   each claim group that waited for rate-limit tokens or whose profiles are older than
+   ``_PROFILE_MAX_AGE``, the group's recipients are read again (one ``BatchGetUsers`` per
+   group) and their targets re-checked, so an unsubscribe or erasure committed before the
+   claim wins.
 3. Policy (:mod:`services.delivery.policy`) decides send, defer or fail; templates render.
    Fails and defers are recorded (timeline, receipt, ledger) in one transaction.
 4. Sends go through a window per channel (the concurrency, capped by the adapter's connection
@@ -44,7 +48,7 @@ from prometheus_client import Counter, Histogram
 from tidings.delivery.v1 import message_pb2, template_pb2
 from tidings.events.v1.dead_letter_pb2 import DeadLetter
 from tidings.events.v1.send_request_pb2 import SendRequest
-from tidings.identity.v1 import user_pb2
+from tidings.identity.v1 import user_pb2, user_ref_pb2
 
 from services.delivery import app_settings, channels, messages_store, policy
 from services.delivery.broadcasts_store import BroadcastDeltas, apply_deltas, load_broadcast_specs
@@ -85,6 +89,11 @@ _STATUS_SENT = S.MESSAGE_STATUS_SENT
 _STATUS_FAILED = S.MESSAGE_STATUS_FAILED
 #: A rate-limited channel's chunk holds about this many seconds of its calls.
 _CHUNK_SECONDS = 10.0
+#: A rate-limited channel's claim group holds at most this many seconds of its calls, so its
+#: calls reach the provider spread at the rate, not in bursts of a window.
+_RATE_GROUP_SECONDS = 0.1
+#: Profiles older than this (seconds) are read again before their claim.
+_PROFILE_MAX_AGE = 1.0
 #: Recording provider answers is tried this often, waiting 0.2 s doubling to 2 s in between
 #: (about 4 s in all) before the rows are given up to the scheduler.
 _RECORD_ATTEMPTS = 5
@@ -128,6 +137,8 @@ class _Item:
     #: No ledger row yet: the outcome or the claim creates it.
     new: bool = False
     user: user_pb2.User | None = None
+    #: When ``user`` was read (time.monotonic()).
+    read_at: float = 0.0
     decision: _Decision | None = None
 
 
@@ -179,6 +190,17 @@ class Worker:
         self._outcomes, self._call_seconds = _metrics(ctx)
         self._known: set[str] = set()
         self._lease = Lease(settings.database_url)
+
+    def set_partitions(self, owned: int, total: int) -> None:
+        """This worker now owns ``owned`` of the ``total`` partitions of ``delivery.requests``:
+        it takes that share of every rate limit (called on each consumer-group rebalance)."""
+        self._limits.set_share(owned, total)
+        log.info(
+            "worker owns %d of %d partitions: %.0f%% of each rate limit",
+            owned,
+            total,
+            self._limits.share * 100,
+        )
 
     async def close(self) -> None:
         """Release the lease (the consumer has stopped: no claim of ours is pending)."""
@@ -265,9 +287,11 @@ class Worker:
     ) -> None:
         pending = [item for item in items if item.decision is None]
         if pending:
+            read_at = time.monotonic()
             users = await self._identity.batch_get_users(app_id, [i.job.ref for i in pending])
             for item, user in zip(pending, users, strict=True):
                 item.user = user
+                item.read_at = read_at
         pool = self._ctx.pool
         async with pool.acquire() as conn:
             settings = (await app_settings.settings_for(conn, [app_id]))[app_id]
@@ -631,6 +655,10 @@ class Worker:
             if config is not None and channel is not Channel.IN_APP
             else None
         )
+        # Claims of a rate-limited channel go _RATE_GROUP_SECONDS of calls at a time.
+        most = window
+        if bucket is not None and bucket.rate > 0:
+            most = max(1, int(bucket.rate * _RATE_GROUP_SECONDS))
         waiting = deque(sends)
         calls: dict[asyncio.Task[ProviderResult], _Item] = {}
         answered: list[tuple[_Item, ProviderResult]] = []
@@ -668,11 +696,15 @@ class Worker:
                 # New claims wait while a window of answers is not yet recorded: what a crash
                 # leaves undecided stays bounded when recording is slower than the provider.
                 if waiting and free >= min(group, len(waiting)) and len(answered) < window:
-                    part = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    part = [waiting.popleft() for _ in range(min(free, most, len(waiting)))]
+                    waited = False
                     if bucket is not None:
                         for _ in part:
-                            await bucket.take()
-                    for item in await self._claim(app_id, part):
+                            waited = await bucket.take() > 0 or waited
+                    # Profiles read before a wait are read again: a late opt-out wins.
+                    part = await self._recheck(app_id, part, waited)
+                    claimed = await self._claim(app_id, part) if part else []
+                    for item in claimed:
                         call = asyncio.create_task(self._call_provider(item, configs))
                         call.add_done_callback(call_done)
                         calls[call] = item
@@ -693,6 +725,36 @@ class Worker:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def _recheck(self, app_id: str, part: list[_Item], waited: bool) -> list[_Item]:
+        """Read the profiles of ``part`` again if it ``waited`` for rate-limit tokens or its
+        reads are older than ``_PROFILE_MAX_AGE`` (one BatchGetUsers), and re-check each
+        target; those no longer reachable are recorded FAILED with the policy's reason.
+        Returns the items still to send."""
+        now = time.monotonic()
+        stale = [item for item in part if waited or now - item.read_at > _PROFILE_MAX_AGE]
+        if not stale:
+            return part
+        refs: list[user_ref_pb2.UserRef] = []
+        for item in stale:
+            assert item.user is not None
+            refs.append(user_ref_pb2.UserRef(user_id=item.user.user_id))
+        users = await self._identity.batch_get_users(app_id, refs)
+        refused: list[_Item] = []
+        for item, user in zip(stale, users, strict=True):
+            decision = item.decision
+            assert isinstance(decision, _Send)
+            item.read_at = now
+            target = policy.recheck_target(user, decision.target)
+            if isinstance(target, policy.Target):
+                decision.target = target
+                continue
+            detail = "the profile, read again right before the call, refuses it"
+            item.decision = _Fail(target, detail, decision.target.channel.value)
+            refused.append(item)
+        if refused:
+            await self._record_outcomes(refused, self._clock())
+        return [item for item in part if isinstance(item.decision, _Send)]
 
     async def _claim(self, app_id: str, items: list[_Item]) -> list[_Item]:
         """Claim the ledger rows of ``items`` (committed); returns the items claimed."""

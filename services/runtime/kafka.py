@@ -34,14 +34,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import google.protobuf.message
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, for_code
 from aiokafka.structs import ConsumerRecord, RecordMetadata
@@ -582,6 +582,26 @@ class Record(Generic[M]):
 Handler = Callable[[Sequence[Record[M]]], Awaitable[None]]
 
 
+class _ShareListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Reports a member's share of a topic's partitions after each rebalance."""
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, topic: str, report: Callable[[int, int], None]
+    ) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._report = report
+
+    async def on_partitions_revoked(self, revoked: Set[TopicPartition]) -> None:
+        """Nothing: the share changes with the next assignment."""
+
+    async def on_partitions_assigned(self, assigned: Set[TopicPartition]) -> None:
+        """Report ``(owned, total)``; total from the consumer's metadata."""
+        owned = sum(1 for tp in self._consumer.assignment() if tp.topic == self._topic)
+        total = len(self._consumer.partitions_for_topic(self._topic) or ()) or owned
+        self._report(owned, total)
+
+
 class BatchConsumer(Generic[M]):
     """A consumer-group member that hands each polled batch of one topic to an async handler.
 
@@ -631,6 +651,7 @@ class BatchConsumer(Generic[M]):
         retry_backoff: float = 0.2,
         dead_letters: Topic[DeadLetter] = DEAD_LETTERS,
         auto_offset_reset: str = "earliest",
+        on_partitions: Callable[[int, int], None] | None = None,
         **kw: Any,
     ) -> None:
         """Create (but not start) the consumer.
@@ -648,6 +669,8 @@ class BatchConsumer(Generic[M]):
             retry_backoff: First retry delay in seconds; doubles per retry, capped at 10 s.
             dead_letters: Where undecodable records go.
             auto_offset_reset: Where a group without committed offsets starts.
+            on_partitions: Called after each rebalance with (the topic's partitions this member
+                owns, the topic's partitions), for work split by share of the group.
             **kw: Passed on to :class:`aiokafka.AIOKafkaConsumer`.
         """
         self._topic = topic
@@ -660,7 +683,6 @@ class BatchConsumer(Generic[M]):
         self._dead_letters = dead_letters
         client_id = client_id or service
         self._consumer = AIOKafkaConsumer(
-            topic.name,
             bootstrap_servers=bootstrap,
             client_id=client_id,
             group_id=group_id,
@@ -669,6 +691,12 @@ class BatchConsumer(Generic[M]):
             auto_offset_reset=auto_offset_reset,
             max_poll_records=max_batch,
             **kw,
+        )
+        self._consumer.subscribe(
+            [topic.name],
+            listener=_ShareListener(self._consumer, topic.name, on_partitions)
+            if on_partitions is not None
+            else None,
         )
         self._dead_letter_producer = Producer(bootstrap, client_id=f"{client_id}-dead-letters")
         self._started = False

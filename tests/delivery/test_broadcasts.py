@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
-import pytest
 from tidings.delivery.v1 import broadcast_pb2, channel_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.identity.v1 import identity_service_pb2 as ipb
@@ -132,10 +131,6 @@ async def test_csv_broadcast_streams_rows_and_their_data(
     assert got == {u.user_id: f"C{i}" for i, u in enumerate(users)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/delivery/server.py must pass identity to broadcasts.broadcast_csv",
-)
 async def test_csv_naming_a_user_by_two_subscriptions_sends_once(
     harness: DeliveryHarness, sink: Sink
 ) -> None:

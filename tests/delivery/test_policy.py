@@ -147,3 +147,27 @@ def test_in_app_goes_to_the_most_recently_active_enabled_device_opted_in_or_not(
     assert policy.choose_target(only_email, ["in_app"], REACH) == "NO_SUBSCRIPTION"
     disabled = _user(_sub(spb.SUBSCRIPTION_TYPE_IOS_PUSH, "p", enabled=False))
     assert policy.choose_target(disabled, ["in_app"], REACH) == "SUBSCRIPTION_DISABLED"
+
+
+def test_a_target_read_again_follows_the_subscription_as_it_is_now() -> None:
+    chat = _sub(spb.SUBSCRIPTION_TYPE_TELEGRAM, "t1")
+    target = policy.Target(0, Channel.TELEGRAM, chat)
+    assert policy.recheck_target(None, target) == "USER_NOT_FOUND"
+    opted_out = _user(_sub(spb.SUBSCRIPTION_TYPE_TELEGRAM, "t1", opted_in=False))
+    assert policy.recheck_target(opted_out, target) == "NOT_OPTED_IN"
+    disabled = _user(_sub(spb.SUBSCRIPTION_TYPE_TELEGRAM, "t1", enabled=False))
+    assert policy.recheck_target(disabled, target) == "SUBSCRIPTION_DISABLED"
+    assert policy.recheck_target(_user(), target) == "NO_SUBSCRIPTION"
+    # Another usable chat on the same channel takes over; the channel never changes.
+    moved = _user(
+        _sub(spb.SUBSCRIPTION_TYPE_TELEGRAM, "t1", opted_in=False),
+        _sub(spb.SUBSCRIPTION_TYPE_TELEGRAM, "t2"),
+        _sub(spb.SUBSCRIPTION_TYPE_EMAIL, "e1"),
+    )
+    again = policy.recheck_target(moved, target)
+    assert isinstance(again, policy.Target)
+    assert again.subscription is not None
+    assert (again.channel, again.subscription.subscription_id) == (Channel.TELEGRAM, "t2")
+    # Webhooks need no subscription: only the profile's existence is checked.
+    hook = policy.Target(0, Channel.WEBHOOK, None)
+    assert policy.recheck_target(_user(), hook) is hook

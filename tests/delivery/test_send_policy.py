@@ -7,19 +7,24 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.type import timeofday_pb2
 from tidings.delivery.v1 import channel_pb2, message_pb2, template_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
+from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import subscription_pb2 as spb
+from tidings.identity.v1 import user_ref_pb2
 
-from tests.delivery.sink import Sink
-from tests.delivery.support import DeliveryHarness, by_id, inline, webhook
+from tests.delivery.sink import Sink, SinkRequest
+from tests.delivery.support import DeliveryHarness, ReceiptFeed, by_id, inline, struct, webhook
+from tests.identity.support import failure, item_failure
 
 S = message_pb2
 WEBHOOK = channel_pb2.CHANNEL_WEBHOOK
 TELEGRAM = channel_pb2.CHANNEL_TELEGRAM
+DEFERRED = DeliveryReceipt.STATUS_DEFERRED
 
 
 def _text(text: str) -> template_pb2.MessageContent:
@@ -28,6 +33,12 @@ def _text(text: str) -> template_pb2.MessageContent:
 
 def _chat() -> str:
     return str(10**9 + uuid.uuid4().int % 10**9)
+
+
+def _chat_of(request: SinkRequest) -> str:
+    body = request.json()
+    assert isinstance(body, dict)
+    return str(body["chat_id"])
 
 
 def _reason(message: message_pb2.Message) -> str:
@@ -56,6 +67,43 @@ async def test_an_unsubscribe_before_the_send_wins(harness: DeliveryHarness, sin
         "NOT_OPTED_IN"
     )
     assert sink.count == 0
+
+
+async def test_an_unsubscribe_while_a_rate_limited_send_waits_wins(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    """At 1 call/s the later messages of a batch wait seconds for their tokens; the profiles
+    are read again before their claim, so an opt-out committed meanwhile wins."""
+    await harness.delivery.UpdateChannelConfig(
+        dpb.UpdateChannelConfigRequest(
+            channel_config=channel_pb2.ChannelConfig(
+                channel=TELEGRAM,
+                credentials=struct({"bot_token": "123456:test-token", "endpoint": sink.url}),
+                rate_limit_per_second=1,
+            )
+        ),
+        metadata=harness.server,
+    )
+    users = [await harness.user() for _ in range(3)]
+    chats = [_chat() for _ in users]
+    subscriptions = [
+        await harness.subscribe(user.user_id, spb.SUBSCRIPTION_TYPE_TELEGRAM, chat)
+        for user, chat in zip(users, chats, strict=True)
+    ]
+    results = (
+        await harness.send([by_id(u.user_id) for u in users], inline(TELEGRAM, _text("hi")))
+    ).results
+    [first] = await sink.wait_for(1)
+    # The next call is a second away: opt out one of the two still waiting.
+    out = next(i for i, chat in enumerate(chats) if chat != _chat_of(first))
+    await harness.opt_out(subscriptions[out].subscription_id)
+    failed = await harness.wait_status(results[out].message_id, S.MESSAGE_STATUS_FAILED)
+    assert _reason(failed) == "NOT_OPTED_IN"
+    for i, result in enumerate(results):
+        if i != out:
+            await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT)
+    assert sink.count == 2
+    assert chats[out] not in {_chat_of(request) for request in sink.received}
 
 
 async def test_a_subscribed_telegram_chat_gets_the_text(
@@ -153,16 +201,23 @@ async def test_send_at_defers_then_sends(harness: DeliveryHarness, sink: Sink) -
     await harness.webhook_channel()
     user = await harness.user()
     at = datetime.now(UTC) + timedelta(seconds=2)
-    [result] = (
-        await harness.send(
-            [by_id(user.user_id)], inline(WEBHOOK, webhook(f"{sink.url}/x")), send_time=_stamp(at)
-        )
-    ).results
-    waiting = await harness.message(result.message_id)
-    assert waiting.status == S.MESSAGE_STATUS_DEFERRED
-    assert waiting.timeline[-1].reason == "SEND_AT"
-    await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT, within=20)
-    assert sink.received[0].time >= at.timestamp() - 0.05
+    async with ReceiptFeed(harness.app.app_id) as feed:
+        [result] = (
+            await harness.send(
+                [by_id(user.user_id)],
+                inline(WEBHOOK, webhook(f"{sink.url}/x")),
+                send_time=_stamp(at),
+            )
+        ).results
+        waiting = await harness.message(result.message_id)
+        assert waiting.status == S.MESSAGE_STATUS_DEFERRED
+        assert waiting.timeline[-1].reason == "SEND_AT"
+        # Like every other deferral, it is a fact on delivery.receipts.
+        await feed.until(lambda _: bool(feed.of(result.message_id, DEFERRED)))
+        [receipt] = feed.of(result.message_id, DEFERRED)
+        assert (receipt.reason, receipt.user_id) == ("SEND_AT", user.user_id)
+        await harness.wait_status(result.message_id, S.MESSAGE_STATUS_SENT, within=20)
+        assert sink.received[0].time >= at.timestamp() - 0.05
 
 
 async def _settings(
@@ -260,8 +315,6 @@ async def test_frequency_cap_can_defer_instead(harness: DeliveryHarness, sink: S
 
 
 async def test_send_validation_names_fields(harness: DeliveryHarness) -> None:
-    from tests.identity.support import failure
-
     failed = await failure(
         harness.delivery.Send(
             dpb.SendRequest(
@@ -274,7 +327,8 @@ async def test_send_validation_names_fields(harness: DeliveryHarness) -> None:
             metadata=harness.server,
         )
     )
-    assert failed.fields == ["users[0].user_id", "idempotency_key"]
+    # A bad key fails the call; a bad recipient only its own result.
+    assert failed.fields == ["idempotency_key"]
     failed = await failure(
         harness.delivery.Send(
             dpb.SendRequest(
@@ -328,3 +382,44 @@ async def test_a_dead_token_disables_the_subscription_in_identity(
             "SUBSCRIPTION_DISABLED"
         )
         assert telegram.count == 1
+
+
+async def test_a_malformed_recipient_is_refused_alone_and_replayed_as_such(
+    harness: DeliveryHarness, sink: Sink
+) -> None:
+    await harness.webhook_channel()
+    user = await harness.user()
+    refs = [by_id("not-a-uuid"), by_id(user.user_id), user_ref_pb2.UserRef()]
+    spec = inline(WEBHOOK, webhook(f"{sink.url}/x"))
+    key = f"partial-{uuid.uuid4().hex}"
+    response = await harness.send(refs, spec, key=key)
+    bad, good, empty = response.results
+    assert good.message_id
+    assert not good.HasField("error")
+    assert not bad.message_id
+    assert not empty.message_id
+    refused = item_failure(bad.error)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.reason == "INVALID_RECIPIENT"
+    assert refused.fields == ["users[0].user_id"]
+    assert item_failure(empty.error).fields == ["users[2]"]
+    await harness.wait_status(good.message_id, S.MESSAGE_STATUS_SENT)
+    # The stored answer holds the refusals too; nothing is sent again.
+    again = await harness.send(refs, spec, key=key)
+    assert again.replayed
+    assert list(again.results) == list(response.results)
+    assert sink.count == 1
+
+
+async def test_a_send_whose_every_recipient_is_refused_answers_each_refusal(
+    harness: DeliveryHarness,
+) -> None:
+    response = await harness.send(
+        [by_id("nope"), user_ref_pb2.UserRef(external_id=" ")],
+        inline(WEBHOOK, webhook("http://127.0.0.1:9/x")),
+    )
+    assert [item_failure(r.error).fields for r in response.results] == [
+        ["users[0].user_id"],
+        ["users[1].external_id"],
+    ]
+    assert not any(r.message_id for r in response.results)

@@ -1,5 +1,6 @@
-"""Workers as a consumer group of real processes: the work is split, nothing is done twice, and
-a worker SIGKILLed in the middle of a batch never causes a second provider call for a key."""
+"""Workers as a consumer group of real processes: the work is split, nothing is done twice, a
+worker SIGKILLed in the middle of a batch never causes a second provider call for a key, and a
+channel's rate limit holds for the group, not per worker."""
 
 from __future__ import annotations
 
@@ -82,13 +83,16 @@ async def _sent_by(service: ServiceProcess) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def _broadcast(delivery: object, app: TestApp, sink: Sink, user_ids: list[str]) -> str:
+async def _broadcast(
+    delivery: object, app: TestApp, sink: Sink, user_ids: list[str], *, rate: float = 0
+) -> str:
     stub = delivery
     await stub.UpdateChannelConfig(  # type: ignore[attr-defined]
         dpb.UpdateChannelConfigRequest(
             channel_config=channel_pb2.ChannelConfig(
                 channel=channel_pb2.CHANNEL_WEBHOOK,
                 credentials=struct({"signing_secret": "x" * 20, "allow_loopback": True}),
+                rate_limit_per_second=rate,
             )
         ),
         metadata=app.server,
@@ -215,3 +219,44 @@ async def test_a_worker_killed_mid_batch_resends_its_webhook_calls_with_the_same
     assert resent == in_flight
     assert {key for key, n in sink.keys.items() if n > 1} == in_flight
     assert max(sink.keys.values()) == 2
+
+
+async def _rate_limited_run(
+    identity_service: ServiceProcess, dsn: str, app: TestApp, workers: int, rate: int, total: int
+) -> float:
+    """Broadcast ``total`` webhook messages on a channel limited to ``rate`` calls/s through
+    ``workers`` workers; the rate the endpoint saw after the first second's burst."""
+    async with AsyncExitStack() as stack, Sink() as sink:
+        first, *_ = await _workers(stack, identity_service.grpc_target, dsn, workers)
+        async with (
+            grpc.aio.insecure_channel(identity_service.grpc_target) as identity_channel,
+            grpc.aio.insecure_channel(first.grpc_target) as channel,
+        ):
+            identity = identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+            delivery = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+            user_ids = await _users(identity, app, total)
+            broadcast_id = await _broadcast(delivery, app, sink, user_ids, rate=rate)
+            done = await _until_settled(delivery, app, broadcast_id, total)
+    assert (done.sent_count, done.failed_count) == (total, 0)
+    times = sorted(request.time for request in sink.received)
+    assert len(times) == total
+    # Each worker's bucket starts with a second of its tokens: measure after that burst.
+    return (total - rate) / (times[-1] - times[rate - 1])
+
+
+async def test_two_workers_share_a_channel_rate_limit(
+    identity_service: ServiceProcess, worker_db: str, app: TestApp
+) -> None:
+    """Each worker takes its share of the partitions' share of the rate: together they stay
+    at the channel's rate (without sharing, two workers would reach twice of it)."""
+    rate = 20
+    seen = await _rate_limited_run(identity_service, worker_db, app, 2, rate, 5 * rate)
+    assert seen <= rate * 1.25, seen
+
+
+async def test_one_worker_alone_uses_the_whole_rate_limit(
+    identity_service: ServiceProcess, worker_db: str, app: TestApp
+) -> None:
+    rate = 20
+    seen = await _rate_limited_run(identity_service, worker_db, app, 1, rate, 5 * rate)
+    assert rate * 0.7 <= seen <= rate * 1.25, seen
