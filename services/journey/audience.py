@@ -1,9 +1,10 @@
 """The audience loader: enters an activation's audience page by page, as a resumable job.
 
-Activating a journey whose entry is all contacts, a segment with its current members, or a
-birthday creates an ``audience_jobs`` row. Loaders (one per replica) claim unfinished jobs with
-``FOR UPDATE SKIP LOCKED`` and work through them one page at a time, each page in one
-transaction with the job's progress:
+Activating a journey whose entry is all contacts, a segment (unless ``only_future_members``),
+or a birthday creates an ``audience_jobs`` row. A job waits for the definition's
+``entry_start_time`` (its ``retry_at``): entered before, the audience would only be refused.
+Loaders (one per replica) claim unfinished jobs with ``FOR UPDATE SKIP LOCKED`` and work through
+them one page at a time, each page in one transaction with the job's progress:
 
 * all contacts: identity's ListUsers pages (1,000 users, ids only, the next one asked for while
   the current one is stored); each page is stored in ``audience_pages`` in the transaction that
@@ -12,9 +13,11 @@ transaction with the job's progress:
   LOCKED and enter them, so one activation is entered by several transactions at once; the
   reader stays at most :data:`PAGES_AHEAD` pages ahead. Memory holds two pages, whatever the
   audience's size.
-* segment: identity streams the members (ListSegmentMembers has no cursor); every 1,000 members
-  are entered in one transaction. After a crash the stream starts again, and entries already
-  made are recognised by their trigger id (``activation:<version>``), so nobody enters twice.
+* segment: identity streams the members in user id order (ListSegmentMembers); each 1,000 are
+  entered in one transaction with the job's cursor, the last user id entered, and the next
+  page is asked for after it (``after_user_id``): a crash resumes after the last page
+  committed, not from the start, and members joining or leaving meanwhile shift nothing.
+  Entries are recognised by their trigger id (``activation:<version>``) anyway.
 * birthday: ListUsers pages as for all contacts; each customer with a birthdate gets an entry
   timer at their next birthday entry in their time zone (see :mod:`services.journey.schedule`).
 
@@ -28,7 +31,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from tidings.identity.v1 import user_pb2
@@ -60,13 +63,18 @@ def birthday_timers(
     days_offset: int,
     at_hour: Any,
     now: datetime,
+    default_zone: str = "",
 ) -> list[tuple[uuid.UUID, datetime, str, int, int, str]]:
-    """``(user, due, trigger, month, day, zone)`` of the customers who have a birthdate."""
+    """``(user, due, trigger, month, day, zone)`` of the customers who have a birthdate.
+
+    The due time is in the customer's zone, else ``default_zone`` (the app's); the stored zone
+    is the customer's own (empty without one), so later years use the app's default of then.
+    """
     timers = []
     for user in users:
         if not user.HasField("birthdate") or not user.birthdate.month or not user.birthdate.day:
             continue
-        zone = schedule.zone_of(user.timezone)
+        zone = schedule.zone_of(user.timezone or default_zone)
         due, year = schedule.birthday_entry(
             now, zone, user.birthdate.month, user.birthdate.day, days_offset, at_hour
         )
@@ -221,6 +229,13 @@ class AudienceLoader:
 
     async def work_once(self) -> bool:
         """One page of one job; False when there was nothing to do."""
+        worked, entered = await self._job_page()
+        if entered:
+            self._runtime.engine.nudge()  # committed: customers of the page may be due now
+        return worked
+
+    async def _job_page(self) -> tuple[bool, bool]:
+        """One page of one job: ``(whether there was work, whether customers entered)``."""
         now = self._ctx.clock()
         pool = self._ctx.pool
         catalog = self._runtime.catalog
@@ -243,7 +258,7 @@ class AudienceLoader:
                 PAGES_AHEAD,
             )
             if job is None:
-                return False
+                return False, False
             app_id, journey_id = job["app_id"], job["journey_id"]
             trigger = f"activation:{job['version']}"
             state = await conn.fetchval(
@@ -253,25 +268,33 @@ class AudienceLoader:
             )
             if state == "paused":
                 await self._later(conn, job, now, "the journey is paused")
-                return False
+                return False, False
             if state != "active":
                 await self._finish(conn, job, 0, 0, "")
-                return True
+                return True, False
+            definition = await catalog.definition(app_id, journey_id, job["version"])
+            opens = _entry_start(definition)
+            if opens is not None and now < opens:
+                # Entered now, the audience would only be refused (OUTSIDE_SCHEDULE).
+                await self._wait_until(conn, job, opens)
+                return False, False
             try:
                 if job["kind"] == "segment":
-                    scanned, entered = await self._segment(job, trigger)
-                    await self._finish(conn, job, scanned, entered, "", done=True)
-                    return True
+                    scanned, entered, cursor = await self._segment_page(conn, job, trigger, now)
+                    await self._finish(conn, job, scanned, entered, cursor, done=not cursor)
+                    return True, entered > 0
                 # All contacts need only who they are; birthdays need the birthdate and zone.
                 ids_only = job["kind"] != "birthday"
                 users, next_token = await self._page(app_id, job["page_token"], ids_only)
+                zone = "" if ids_only else await self._runtime.peers.default_zone(app_id)
             except (PeerUnavailable, PeerRefused, _Busy) as exc:
                 await self._later(conn, job, now, str(exc))
-                return False
+                return False, False
             if job["kind"] == "birthday":
-                definition = await catalog.definition(app_id, journey_id, job["version"])
                 birthday = definition.entry.birthday
-                timers = birthday_timers(users, birthday.days_offset, _entry_time(birthday), now)
+                timers = birthday_timers(
+                    users, birthday.days_offset, _entry_time(birthday), now, zone
+                )
                 await upsert_birthday_timers(conn, app_id, journey_id, timers)
             elif users:
                 # Entering is left to the page workers of every replica.
@@ -288,48 +311,52 @@ class AudienceLoader:
                 )
             await self._finish(conn, job, len(users), 0, next_token, done=not next_token)
         self._stored.set()
-        return True
+        return True, False
 
-    async def _segment(self, job: Any, trigger: str) -> tuple[int, int]:
-        """Stream the segment's members, entering them 1,000 per transaction; returns
-        ``(scanned, entered)``. (The job row stays locked by the caller meanwhile, so progress
-        is written once, at the end.)"""
+    async def _segment_page(
+        self, conn: Any, job: Any, trigger: str, now: datetime
+    ) -> tuple[int, int, str]:
+        """Enter the next :data:`PAGE_SIZE` members of the segment, after the job's cursor (the
+        last user id entered), in the job's transaction; ``(scanned, entered, next cursor)``,
+        the cursor empty once the members ran out."""
         app_id, journey_id = job["app_id"], job["journey_id"]
-        pool = self._ctx.pool
-        catalog = self._runtime.catalog
-        batch: list[Candidate] = []
-        scanned = entered = 0
+        members = [
+            uuid.UUID(user_id)
+            async for user_id in self._runtime.peers.segment_members(
+                app_id, job["segment_id"], after_user_id=job["page_token"], limit=PAGE_SIZE
+            )
+        ]
+        if not members:
+            return 0, 0, ""
+        # Holding the job row Stop updates: never wait for the journey's row (a Stop holding it
+        # would wait for the job); the job is taken again after that change commits.
+        states = await journey_states(conn, {(app_id, journey_id)}, skip_locked=True)
+        if states[(app_id, journey_id)] == BUSY:
+            raise _Busy("the journey is being changed")
+        outcomes = await enter(
+            conn,
+            app_id,
+            journey_id,
+            self._runtime.catalog.definition,
+            [Candidate(user_id, trigger) for user_id in members],
+            now,
+            stepper=self._runtime.engine.step_entered,
+        )
+        cursor = str(members[-1]) if len(members) == PAGE_SIZE else ""
+        return len(members), outcomes.count(ENTERED), cursor
 
-        async def flush() -> None:
-            nonlocal scanned, entered
-            if not batch:
-                return
-            async with pool.acquire() as conn, conn.transaction():
-                # The caller holds the job row Stop updates: waiting here for a Stop holding the
-                # journey's row would wait for ourselves (unseen by PostgreSQL, two connections).
-                states = await journey_states(conn, {(app_id, journey_id)}, skip_locked=True)
-                if states[(app_id, journey_id)] == BUSY:
-                    raise _Busy("the journey is being changed")
-                outcomes = await enter(
-                    conn,
-                    app_id,
-                    journey_id,
-                    catalog.definition,
-                    batch,
-                    self._ctx.clock(),
-                    stepper=self._runtime.engine.step_entered,
-                )
-            scanned += len(batch)
-            entered += outcomes.count(ENTERED)
-            batch.clear()
-            self._runtime.engine.nudge()
-
-        async for user_id in self._runtime.peers.segment_members(app_id, job["segment_id"]):
-            batch.append(Candidate(uuid.UUID(user_id), trigger))
-            if len(batch) >= PAGE_SIZE:
-                await flush()
-        await flush()
-        return scanned, entered
+    async def _wait_until(self, conn: Any, job: Any, moment: datetime) -> None:
+        await conn.execute(
+            """
+            UPDATE audience_jobs SET retry_at = $4, last_error = $5
+            WHERE app_id = $1 AND journey_id = $2 AND version = $3
+            """,
+            job["app_id"],
+            job["journey_id"],
+            job["version"],
+            moment,
+            "waiting for the entry start time",
+        )
 
     async def _later(self, conn: Any, job: Any, now: datetime, error: str) -> None:
         log.warning("audience of journey %s waits: %s", job["journey_id"], error)
@@ -370,6 +397,13 @@ class AudienceLoader:
             entered,
             done,
         )
+
+
+def _entry_start(definition: Any) -> datetime | None:
+    """The definition's ``entry_start_time``, or None when it has none."""
+    if not definition.HasField("entry_start_time"):
+        return None
+    return definition.entry_start_time.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
 def _seen(task: asyncio.Task[Any]) -> None:

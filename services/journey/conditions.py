@@ -5,7 +5,8 @@ Journey evaluates ``tidings.identity.v1.Condition`` itself, on the profile ident
 carry is asked of identity per customer: events (ListEvents) and segment membership
 (GetSegmentMembership). Operators follow the contract's comments: string comparisons of
 CONTAINS / STARTS_WITH / ENDS_WITH are case-insensitive, NOT_EQUALS and NOT_IN match customers
-without the field, date-relative operators count days in the customer's time zone.
+without the field, date-relative operators count days in the customer's time zone (the app's
+default zone for customers without one).
 """
 
 from __future__ import annotations
@@ -161,10 +162,10 @@ def _field(user: user_pb2.User, name: str) -> Any:
     return text or None
 
 
-def _anniversary_in(user: user_pb2.User, actual: Any, days: int, now: datetime) -> bool:
+def _anniversary_in(actual: Any, days: int, now: datetime, zone: str) -> bool:
     if not isinstance(actual, date):
         return False
-    today = now.astimezone(zone_of(user.timezone)).date()
+    today = now.astimezone(zone_of(zone)).date()
     target = today + timedelta(days=days)
     month, day = actual.month, actual.day
     if (month, day) == (2, 29) and not _leap(target.year):
@@ -182,6 +183,14 @@ class ProfileFacts:
 
     events: Callable[[str, datetime | None, datetime | None], Awaitable[list[Any]]]
     is_member: Callable[[str], Awaitable[bool]]
+    #: The app's default zone, for customers without one (asked only when a condition needs it).
+    default_zone: Callable[[], Awaitable[str]] | None = None
+
+    async def zone(self, user: user_pb2.User) -> str:
+        """The customer's zone: their own, else the app's default, else ``""`` (UTC)."""
+        if user.timezone or self.default_zone is None:
+            return str(user.timezone)
+        return await self.default_zone()
 
 
 async def matches_profile(
@@ -205,9 +214,10 @@ async def matches_profile(
         attr = condition.attribute
         actual = _field(user, attr.field)
         if attr.operator == Op.OPERATOR_ANNIVERSARY_IN_DAYS:
+            zone = await facts.zone(user)
             if isinstance(actual, datetime):
-                actual = actual.astimezone(zone_of(user.timezone)).date()
-            return _anniversary_in(user, actual, attr.days, now)
+                actual = actual.astimezone(zone_of(zone)).date()
+            return _anniversary_in(actual, attr.days, now, zone)
         if isinstance(actual, date) and not isinstance(actual, datetime):
             actual = datetime(actual.year, actual.month, actual.day, tzinfo=UTC)
         operands = [value_of(v) for v in attr.values]

@@ -335,10 +335,12 @@ class ChangesHandler:
             )
         ]
         profiles: dict[uuid.UUID, Any] = {}
+        zones: dict[str, str] = {}
         for app_id in {c.app_id for c in profile_changes} & birthday_apps:
             ids = [uuid.UUID(c.user_id) for c in profile_changes if c.app_id == app_id]
             try:
                 profiles.update(await self._runtime.peers.get_users(app_id, ids))
+                zones[app_id] = await self._runtime.peers.default_zone(app_id)
             except (PeerUnavailable, PeerRefused) as exc:
                 # Retried by the consumer (the batch is not committed); an outage passes.
                 raise RuntimeError(f"identity could not give profiles: {exc}") from exc
@@ -382,7 +384,9 @@ class ChangesHandler:
                 ]
                 users = [u for u in users if _app_of(u, profile_changes) == app_id]
                 birthday = journey.definition.entry.birthday
-                timers = birthday_timers(users, birthday.days_offset, _entry_time(birthday), now)
+                timers = birthday_timers(
+                    users, birthday.days_offset, _entry_time(birthday), now, zones.get(app_id, "")
+                )
                 await upsert_birthday_timers(conn, app_id, journey_id, timers)
         if entries:
             self._runtime.engine.nudge()

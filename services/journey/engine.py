@@ -681,7 +681,10 @@ class Engine:
             except PeerRefused:
                 return False
 
-        return ProfileFacts(events=events, is_member=is_member)
+        async def default_zone() -> str:
+            return await self._peers.default_zone(inst.app_id)
+
+        return ProfileFacts(events=events, is_member=is_member, default_zone=default_zone)
 
     def _send_request(self, inst: Instance, node: jpb.Node, now: datetime) -> SendRequest:
         send = RouteSend(0, inst.node_id, node.send.template_id, tuple(node.send.channels))
@@ -732,7 +735,7 @@ class Engine:
     ) -> str | None:
         kind = delay.WhichOneof("kind")
         user = await self._profile(inst, loader)
-        zone = schedule.zone_of(user.timezone if user is not None else "")
+        zone = schedule.zone_of(await self._guard(self._peers.zone_for(inst.app_id, user)))
         if kind == "duration":
             until = schedule.add_delay(now, _duration(delay.duration), zone)
         elif kind == "until_local_time":
@@ -825,11 +828,22 @@ class Engine:
             for (app_id, journey_id), rows in by_journey.items():
                 if states[(app_id, journey_id)] == BUSY:
                     continue  # the timers stay due for a look after that change
-                handled += len(rows)
                 live = (await self._catalog.live()).get((app_id, journey_id))
                 definition = live.definition if live is not None else None
                 if definition is None or definition.entry.WhichOneof("kind") != "birthday":
+                    handled += len(rows)
                     continue
+                try:
+                    # Customers without a zone of their own have the app's next year too.
+                    default = (
+                        await self._peers.default_zone(app_id)
+                        if any(not r["timezone"] for r in rows)
+                        else ""
+                    )
+                except PeerUnavailable as exc:
+                    log.warning("birthdays of journey %s wait: %s", journey_id, exc)
+                    continue  # still due: looked at again on the next poll
+                handled += len(rows)
                 await enter(
                     conn,
                     app_id,
@@ -845,7 +859,7 @@ class Engine:
                     year = int(r["trigger_id"].split(":", 1)[1])
                     next_due, next_year = schedule.birthday_entry(
                         now,
-                        schedule.zone_of(r["timezone"]),
+                        schedule.zone_of(r["timezone"] or default),
                         r["birth_month"],
                         r["birth_day"],
                         birthday.days_offset,

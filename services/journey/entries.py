@@ -9,7 +9,8 @@ event, a birthday) comes down to :func:`enter`, inside the caller's transaction:
    row lock to ``FOR UPDATE`` instead deadlocked: two entries holding ``FOR SHARE`` each waited
    for the other to let go.) Lock order, everywhere: the journey row before its customers'
    rows;
-2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``);
+2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``), unless only
+   the entry schedule refused it: that trigger may enter once the schedule is open;
 3. a customer inside is refused (``ALREADY_INSIDE``); one who left is refused by the re-entry
    rule (``REENTRY_REFUSED``: once, or within the cooldown since the last entry); entries past
    the limit of customers inside are refused (``CONCURRENCY_LIMIT``), and so is every entry

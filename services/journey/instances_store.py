@@ -639,7 +639,8 @@ async def enter_routed(
 async def seen_triggers(
     conn: DBConnection, app_id: str, journey_id: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
 ) -> set[tuple[uuid.UUID, str]]:
-    """Which (user, trigger) pairs already tried to enter."""
+    """Which (user, trigger) pairs already tried to enter (a schedule refusal does not count:
+    the trigger may enter once the schedule is open)."""
     if not pairs:
         return set()
     records = await conn.fetch(
@@ -647,7 +648,7 @@ async def seen_triggers(
         SELECT e.user_id, e.trigger_id FROM entries e
         JOIN unnest($3::uuid[], $4::text[]) AS p(user_id, trigger_id)
           ON e.user_id = p.user_id AND e.trigger_id = p.trigger_id
-        WHERE e.app_id = $1 AND e.journey_id = $2
+        WHERE e.app_id = $1 AND e.journey_id = $2 AND e.outcome <> 'OUTSIDE_SCHEDULE'
         """,
         app_id,
         journey_id,
@@ -664,8 +665,13 @@ async def insert_entries(
     rows: Sequence[tuple[uuid.UUID, str, str]],
     at: datetime,
 ) -> set[tuple[uuid.UUID, str]]:
-    """Record ``(user_id, trigger_id, outcome)`` attempts; returns the pairs inserted now (a
-    concurrent twin of a pair loses)."""
+    """Record ``(user_id, trigger_id, outcome)`` attempts; returns the pairs recorded now (a
+    concurrent twin of a pair loses).
+
+    A pair refused only by the entry schedule (``OUTSIDE_SCHEDULE``) is recorded again by its
+    next attempt: the refusal said "not now", so a retry of the same trigger once the schedule
+    is open (an activation audience, an AddCustomers retry) is not a duplicate.
+    """
     if not rows:
         return set()
     records = await conn.fetch(
@@ -673,7 +679,9 @@ async def insert_entries(
         INSERT INTO entries (app_id, journey_id, user_id, trigger_id, outcome, entry_time)
         SELECT $1, $2, r.user_id, r.trigger_id, r.outcome, $6
         FROM unnest($3::uuid[], $4::text[], $5::text[]) AS r(user_id, trigger_id, outcome)
-        ON CONFLICT DO NOTHING
+        ON CONFLICT (app_id, journey_id, user_id, trigger_id) DO UPDATE
+            SET outcome = excluded.outcome, entry_time = excluded.entry_time
+            WHERE entries.outcome = 'OUTSIDE_SCHEDULE'
         RETURNING user_id, trigger_id
         """,
         app_id,

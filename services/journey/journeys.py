@@ -9,7 +9,7 @@ version the one new entries go to; customers already inside finish on the versio
 Lifecycle:
 
 * ``draft`` → Activate → ``active``: validated first (FAILED_PRECONDITION listing every problem);
-  all-contacts, segment (with current members) and birthday entries start an audience job.
+  all-contacts, segment (unless `only_future_members`) and birthday entries start an audience job.
 * ``active`` → Pause → ``paused``: nobody enters; every customer's wake time is parked, so no
   step runs and no send is requested; events and receipts that a waiting customer gets
   meanwhile are remembered and taken on Resume. Goals still convert.
@@ -352,7 +352,7 @@ async def activate(
         kind = entry.WhichOneof("kind") or ""
         job_kind = _AUDIENCE_KINDS.get(kind)
         segment_id = ""
-        if kind == "segment" and entry.segment.include_current_members:
+        if kind == "segment" and not entry.segment.only_future_members:
             job_kind, segment_id = "segment", entry.segment.segment_id
         if job_kind is not None:
             await conn.execute(

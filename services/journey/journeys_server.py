@@ -30,7 +30,16 @@ from services.journey.peers import Peers
 from services.journey.settings import JourneySettings
 from services.runtime.app import ServiceContext
 from services.runtime.auth import Scope, require_scope
-from services.runtime.errors import FieldViolations, InvalidArgument, PermissionDenied
+from services.runtime.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    FieldViolations,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    to_status_proto,
+)
 from services.runtime.request_values import to_datetime
 
 __all__ = ["JourneyServicer"]
@@ -49,13 +58,16 @@ _STATUSES = {
     "exited": pb.CustomerState.STATUS_EXITED,
     "converted": pb.CustomerState.STATUS_CONVERTED,
 }
-#: Entry outcomes → gRPC codes of per-customer errors.
-_OUTCOME_CODES = {
-    "DUPLICATE_TRIGGER": grpc.StatusCode.ALREADY_EXISTS,
-    "ALREADY_INSIDE": grpc.StatusCode.ALREADY_EXISTS,
-    "USER_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "INVALID_REF": grpc.StatusCode.INVALID_ARGUMENT,
+#: Entry outcomes → the domain errors (so gRPC codes) of per-customer errors; the rest are
+#: FAILED_PRECONDITION.
+_OUTCOME_ERRORS: dict[str, type[DomainError]] = {
+    "DUPLICATE_TRIGGER": AlreadyExists,
+    "ALREADY_INSIDE": AlreadyExists,
+    "USER_NOT_FOUND": NotFound,
+    "INVALID_REF": InvalidArgument,
 }
+#: ``ErrorInfo.domain`` of per-customer errors, as of the errors the service raises.
+_DOMAIN = "journey"
 _OUTCOME_MESSAGES = {
     "DUPLICATE_TRIGGER": "this trigger already entered the customer",
     "ALREADY_INSIDE": "the customer is inside the journey",
@@ -101,11 +113,14 @@ def _problem_to_proto(problem: Problem) -> pb.JourneyProblem:
 
 
 def _outcome_status(outcome: str) -> status_pb2.Status:
+    """A refused customer's ``google.rpc.Status``: the code, a message, and an ``ErrorInfo``
+    whose reason is the outcome (``REENTRY_REFUSED``), as the runtime builds RPC errors."""
     reason, _, detail = outcome.partition(": ")
-    code = _OUTCOME_CODES.get(reason, grpc.StatusCode.FAILED_PRECONDITION)
-    return status_pb2.Status(
-        code=code.value[0], message=detail or _OUTCOME_MESSAGES.get(reason, reason)
+    error = _OUTCOME_ERRORS.get(reason, FailedPrecondition)(
+        detail or _OUTCOME_MESSAGES.get(reason, reason), reason=reason
     )
+    status: status_pb2.Status = to_status_proto(error, domain=_DOMAIN)
+    return status
 
 
 def state_to_proto(inst: Instance, path: list[StepRow] | None) -> pb.CustomerState:

@@ -9,10 +9,16 @@ down, or no key to be had, is :class:`PeerUnavailable`: the work waits and is re
 refusal of the request itself is :class:`PeerRefused`, including RESOURCE_EXHAUSTED when the
 peer names the limit (identity's ``ATTRIBUTE_LIMIT``, ``ALIAS_LIMIT``: the same request would
 hit it again); a RESOURCE_EXHAUSTED without a reason (the transport's, a proxy's) may pass.
+
+An app's default time zone (identity's ``AppSettings.default_timezone``, read with GetApp and
+the admin key: app keys may not call AppsService) is cached for :data:`ZONE_TTL` seconds, so
+it is read once a minute per app and process, not per customer; a change reaches the engine
+within that time.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
@@ -25,6 +31,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tidings.delivery.v1 import delivery_service_pb2, delivery_service_pb2_grpc
 from tidings.identity.v1 import (
+    apps_service_pb2,
     apps_service_pb2_grpc,
     identity_service_pb2_grpc,
     segment_pb2,
@@ -36,7 +43,7 @@ from tidings.identity.v1 import identity_service_pb2 as ipb
 from services.journey.settings import JourneySettings
 from services.runtime.errors import NotFound, Unavailable
 from services.runtime.secrets_box import SecretBox
-from services.runtime.service_keys import Metadata, ServiceKeys
+from services.runtime.service_keys import Metadata, ServiceKeys, bearer
 
 __all__ = ["PeerRefused", "PeerUnavailable", "Peers"]
 
@@ -44,6 +51,8 @@ __all__ = ["PeerRefused", "PeerUnavailable", "Peers"]
 _TIMEOUT = 10.0
 _KEY_NAME = "tidings-journey"
 _BATCH = 1000
+#: Seconds an app's default time zone is kept before it is read again.
+ZONE_TTL = 60.0
 
 
 class PeerUnavailable(Exception):
@@ -121,6 +130,8 @@ class Peers:
         self._keys = ServiceKeys(
             self._apps_stub, settings.admin_key, pool, self.box, key_name=_KEY_NAME
         )
+        #: app -> (default zone, monotonic time it is read again after).
+        self._zones: dict[str, tuple[str, float]] = {}
 
     # -- stubs --------------------------------------------------------------------------------
 
@@ -169,6 +180,41 @@ class Peers:
         self._identity = self._apps = self._delivery = None
 
     # -- identity -----------------------------------------------------------------------------
+
+    async def default_zone(self, app_id: str) -> str:
+        """The app's default IANA time zone for customers without one (``""``: UTC).
+
+        Cached for :data:`ZONE_TTL` seconds. When identity cannot answer, the last value read
+        is used while there is one.
+
+        Raises:
+            PeerUnavailable: Identity could not answer and the app's zone was never read.
+        """
+        cached = self._zones.get(app_id)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
+        try:
+            app = await self._apps_stub().GetApp(
+                apps_service_pb2.GetAppRequest(app_id=app_id),
+                metadata=bearer(self._settings.admin_key),
+                timeout=_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            failure = _translate(error)
+            if isinstance(failure, PeerRefused) and failure.code == grpc.StatusCode.NOT_FOUND:
+                return ""  # the app is gone: nothing of it is scheduled any more
+            if cached is not None:
+                return cached[0]
+            raise PeerUnavailable(f"the app's time zone: {failure}") from None
+        zone = str(app.settings.default_timezone)
+        self._zones[app_id] = (zone, time.monotonic() + ZONE_TTL)
+        return zone
+
+    async def zone_for(self, app_id: str, user: user_pb2.User | None) -> str:
+        """The zone a customer's local times are in: their own, else the app's default."""
+        if user is not None and user.timezone:
+            return str(user.timezone)
+        return await self.default_zone(app_id)
 
     async def get_users(
         self, app_id: str, user_ids: Iterable[uuid.UUID]
@@ -227,8 +273,12 @@ class Peers:
         )
         return list(response.users), str(response.next_page_token)
 
-    async def segment_members(self, app_id: str, segment_id: str) -> AsyncIterator[str]:
-        """User ids of a segment's members (identity streams a consistent snapshot)."""
+    async def segment_members(
+        self, app_id: str, segment_id: str, *, after_user_id: str = "", limit: int = 0
+    ) -> AsyncIterator[str]:
+        """User ids of a segment's members, in user id order (identity streams a consistent
+        snapshot): only those after ``after_user_id`` (a resume cursor), at most ``limit`` (0:
+        all; the stream is cancelled there)."""
         try:
             key_id, secret = await self._keys.key(app_id)
         except Unavailable as error:
@@ -236,16 +286,24 @@ class Peers:
         except NotFound as error:
             raise PeerRefused(grpc.StatusCode.NOT_FOUND, str(error)) from None
         call = self._identity_stub().ListSegmentMembers(
-            segment_pb2.ListSegmentMembersRequest(segment_id=segment_id),
-            metadata=(("authorization", f"Bearer {secret}"),),
+            segment_pb2.ListSegmentMembersRequest(
+                segment_id=segment_id, after_user_id=after_user_id
+            ),
+            metadata=bearer(secret),
         )
+        count = 0
         try:
             async for member in call:
                 yield str(member.user_id)
+                count += 1
+                if count == limit:
+                    break
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 await self._keys.forget(app_id, key_id)  # revoked: the retry mints a new one
             raise _translate(error) from None
+        finally:
+            call.cancel()  # the rest of the stream is not wanted (a no-op once it ended)
 
     async def segment_exists(self, app_id: str, segment_id: str) -> bool:
         """Whether identity has the segment."""

@@ -1,7 +1,9 @@
 """Time in the customer's zone: delays, local times of day, birthdays — and the rules for days
 and times that do not exist.
 
-* The zone is the profile's ``timezone``; a missing or unknown one is UTC.
+* The zone is the profile's ``timezone``; without one, the app's default time zone (identity's
+  ``AppSettings.default_timezone``, see :meth:`services.journey.peers.Peers.default_zone`);
+  an unknown one, or none at all, is UTC.
 * A delay of whole days ("wait 2 days") keeps the local wall time: 09:00 plus one day is 09:00
   the next day even across a DST change (23 or 25 hours); other durations are exact.
 * A local time that does not exist on a day (the spring-forward gap) is taken as the same

@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf import duration_pb2, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
 from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 from tidings.events.v1.send_request_pb2 import SendRequest
 from tidings.identity.v1 import segment_pb2
@@ -113,6 +114,15 @@ async def create_active(
         pb.ActivateJourneyRequest(journey_id=created.journey_id), metadata=metadata
     )
     return activated
+
+
+def error_domain(status: status_pb2.Status) -> str:
+    """The ``ErrorInfo.domain`` of a per-item error (``""`` without one)."""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.domain)
+    return ""
 
 
 # -- polling ------------------------------------------------------------------------------------

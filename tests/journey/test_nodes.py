@@ -21,7 +21,7 @@ from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
 
 from tests.identity.conftest import TestApp, create_test_app
-from tests.identity.support import ext, failure, new_id
+from tests.identity.support import ext, failure, item_failure, new_id
 from tests.journey.support import (
     SendFeed,
     create_active,
@@ -312,8 +312,8 @@ async def test_reentry_once_concurrency_limit_and_state_api(
     jid = journey.journey_id
     added = await add(journeys, app, jid, people)
     assert [r.entered for r in added.results] == [True, True, False]
-    limit = added.results[2].error
-    assert limit.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    limit = item_failure(added.results[2].error)
+    assert (limit.code, limit.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CONCURRENCY_LIMIT")
 
     listed = await journeys.ListCustomerStates(
         pb.ListCustomerStatesRequest(journey_id=jid, node_id="hold", page_size=1),
@@ -355,6 +355,13 @@ async def test_reentry_once_concurrency_limit_and_state_api(
     again = await add(journeys, app, jid, people)
     # ONCE: the one who went through may not come back; the removed one and the refused one may.
     assert [r.entered for r in again.results] == [False, True, True]
+    refused = item_failure(again.results[0].error)
+    assert (refused.code, refused.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REENTRY_REFUSED",
+    )
+    inside = item_failure((await add(journeys, app, jid, people[1:2])).results[0].error)
+    assert (inside.code, inside.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_INSIDE")
     unknown = await failure(
         journeys.PutCustomerState(
             pb.PutCustomerStateRequest(
@@ -374,4 +381,4 @@ async def test_reentry_once_concurrency_limit_and_state_api(
     stats = await journeys.GetJourneyStats(
         pb.GetJourneyStatsRequest(journey_id=jid), metadata=app.server
     )
-    assert stats.entries_refused == 2  # the concurrency limit, then the re-entry rule
+    assert stats.entries_refused == 3  # the concurrency limit, the re-entry rule, inside

@@ -10,8 +10,16 @@ from tidings.identity.v1 import user_pb2, user_ref_pb2
 from tidings.journey.v1 import journey_service_pb2 as pb
 
 from tests.identity.conftest import TestApp
-from tests.identity.support import ext, new_id
-from tests.journey.support import SendFeed, create_active, definition, eventually, exit_node, send
+from tests.identity.support import ext, item_failure, new_id
+from tests.journey.support import (
+    SendFeed,
+    create_active,
+    definition,
+    error_domain,
+    eventually,
+    exit_node,
+    send,
+)
 
 
 async def make_users(users: Any, app: TestApp, count: int, **fields: Any) -> list[str]:
@@ -61,6 +69,8 @@ async def test_listed_customers_get_one_send_each(
     )
     assert [r.entered for r in again.results] == [False] * 3
     assert {r.error.code for r in again.results} == {grpc.StatusCode.ALREADY_EXISTS.value[0]}
+    assert {item_failure(r.error).reason for r in again.results} == {"DUPLICATE_TRIGGER"}
+    assert {error_domain(r.error) for r in again.results} == {"journey"}
 
     async def exited() -> bool:
         stats = await journeys.GetJourneyStats(
