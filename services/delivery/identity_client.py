@@ -13,6 +13,7 @@ UNAVAILABLE); a user or segment that does not exist -> None / :class:`NotFound`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ import grpc
 import grpc.aio
 from google.protobuf import field_mask_pb2
 from tidings.identity.v1 import (
+    apps_service_pb2,
     apps_service_pb2_grpc,
     identity_service_pb2,
     identity_service_pb2_grpc,
@@ -40,6 +42,8 @@ __all__ = ["BATCH_GET_MAX", "IdentityClient"]
 BATCH_GET_MAX = 1_000
 LIST_PAGE = 1_000
 _TIMEOUT = 30.0
+#: Seconds an app's default time zone is reused before identity is asked again.
+ZONE_TTL = 60.0
 _KEY_NAME = "tidings-delivery"
 
 _T = TypeVar("_T")
@@ -80,6 +84,7 @@ class IdentityClient:
         self._channel: grpc.aio.Channel | None = None
         self._identity: Any = None
         self._apps: Any = None
+        self._zones: dict[str, tuple[str, float]] = {}
 
     def _stubs(self) -> tuple[Any, Any]:
         if self._identity is None:
@@ -111,6 +116,33 @@ class IdentityClient:
         return await self._service_keys.as_app(app_id, lambda metadata: call(identity, metadata))
 
     # --- calls ----------------------------------------------------------------------------
+
+    async def app_timezone(self, app_id: str) -> str:
+        """The app's default IANA zone in identity (``AppSettings.default_timezone``; ``""``:
+        UTC), cached for :data:`ZONE_TTL` seconds; the last value read while identity is down.
+
+        Raises:
+            Unavailable: identity could not be asked and the app's zone was never read.
+        """
+        cached = self._zones.get(app_id)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
+        _, apps = self._stubs()
+        try:
+            app = await apps.GetApp(
+                apps_service_pb2.GetAppRequest(app_id=app_id),
+                metadata=(("authorization", f"Bearer {self._admin_key}"),),
+                timeout=_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return ""
+            if cached is not None:
+                return cached[0]
+            raise _unavailable(error) from None
+        zone = str(app.settings.default_timezone)
+        self._zones[app_id] = (zone, time.monotonic() + ZONE_TTL)
+        return zone
 
     async def batch_get_users(
         self, app_id: str, refs: Sequence[user_ref_pb2.UserRef]

@@ -307,6 +307,11 @@ class Worker:
                     if option.template_id
                 ],
             )
+        if settings.quiet_enabled and not settings.default_timezone:
+            # Delivery's own setting overrides; else the app's default zone in identity, the
+            # one segments and journeys use for users without a zone.
+            zone = await self._identity.app_timezone(app_id)
+            settings = settings.with_values(default_timezone=zone)
         now = self._clock()
         reach = policy.Reachability(
             configured=frozenset(channel for (_, channel) in configs),

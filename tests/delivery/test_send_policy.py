@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -13,12 +14,13 @@ from google.type import timeofday_pb2
 from tidings.delivery.v1 import channel_pb2, message_pb2, template_pb2
 from tidings.delivery.v1 import delivery_service_pb2 as dpb
 from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
+from tidings.identity.v1 import app_pb2, apps_service_pb2, user_ref_pb2
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import subscription_pb2 as spb
-from tidings.identity.v1 import user_ref_pb2
 
 from tests.delivery.sink import Sink, SinkRequest
 from tests.delivery.support import DeliveryHarness, ReceiptFeed, by_id, inline, struct, webhook
+from tests.identity.conftest import ADMIN
 from tests.identity.support import failure, item_failure
 
 S = message_pb2
@@ -258,6 +260,40 @@ async def test_quiet_hours_defer_to_the_end_of_the_window_in_the_users_zone(
     [urgent] = (await harness.send([by_id(user.user_id)], spec)).results
     await harness.wait_status(urgent.message_id, S.MESSAGE_STATUS_SENT)
     assert sink.count == 1
+
+
+async def test_quiet_hours_of_a_user_without_a_zone_follow_the_apps_zone_in_identity(
+    harness: DeliveryHarness, sink: Sink, apps_stub: Any
+) -> None:
+    await harness.webhook_channel()
+    zone = "Asia/Tokyo"
+    await apps_stub.UpdateApp(
+        apps_service_pb2.UpdateAppRequest(
+            app=app_pb2.App(
+                app_id=harness.app.app_id, settings=app_pb2.AppSettings(default_timezone=zone)
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["settings.default_timezone"]),
+        ),
+        metadata=ADMIN,
+    )
+    # Quiet now in Tokyo, not in UTC (Tokyo is 9 hours ahead: the window can't hold both).
+    now_local = datetime.now(UTC).astimezone(__import__("zoneinfo").ZoneInfo(zone))
+    start, end = now_local - timedelta(hours=1), now_local + timedelta(hours=2)
+    quiet = message_pb2.QuietHours(
+        enabled=True,
+        start_time=timeofday_pb2.TimeOfDay(hours=start.hour, minutes=start.minute),
+        end_time=timeofday_pb2.TimeOfDay(hours=end.hour, minutes=end.minute),
+    )
+    await _settings(harness, message_pb2.DeliverySettings(quiet_hours=quiet), "quiet_hours")
+    user = await harness.user()  # no time zone of its own
+    [result] = (
+        await harness.send([by_id(user.user_id)], inline(WEBHOOK, webhook(f"{sink.url}/x")))
+    ).results
+    message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_DEFERRED)
+    assert _reason(message) == "QUIET_HOURS"
+    due = message.next_attempt_time.ToDatetime(tzinfo=UTC)
+    assert abs((due - end.replace(second=0, microsecond=0).astimezone(UTC)).total_seconds()) < 61
+    assert sink.count == 0
 
 
 async def test_frequency_cap_drops_over_the_cap_with_a_reason(
