@@ -9,7 +9,8 @@ Graph rules:
 
 * every node is reachable from ``start_node_id`` (``UNREACHABLE_NODE``);
 * every output of a node is wired (``DANGLING_OUTPUT``; an exit node has none), to a node that
-  exists (``UNKNOWN_NODE``), and only outputs the kind has are wired (``UNKNOWN_OUTPUT``);
+  exists (``UNKNOWN_NODE``), and only outputs the kind has are wired (``UNKNOWN_OUTPUT``); an
+  optional output (an update-profile node's ``failure``) may stay unwired;
 * every cycle passes a node that always waits (a delay of a duration or until a local time of
   day, a wait for an event, retargeting, a send waiting for its result): a cycle of instant
   nodes would spin forever (``CYCLE_WITHOUT_DELAY``). A delay until a date attribute goes on at
@@ -38,7 +39,9 @@ __all__ = [
     "check",
     "condition_segment_ids",
     "node_kind",
+    "optional_outputs_of",
     "outputs_of",
+    "refusal_output",
     "waits",
 ]
 
@@ -97,7 +100,7 @@ def node_kind(node: jpb.Node) -> str:
 
 
 def outputs_of(node: jpb.Node) -> list[str]:
-    """The output names a node has, by kind."""
+    """The outputs a node has, by kind: each must be wired (see :func:`optional_outputs_of`)."""
     kind = node_kind(node)
     if kind == "send":
         return ["delivered", "failed"] if node.send.wait_for_result else ["next"]
@@ -114,6 +117,23 @@ def outputs_of(node: jpb.Node) -> list[str]:
     if kind == "webhook":
         return ["success", "failure"]
     return []
+
+
+def optional_outputs_of(node: jpb.Node) -> list[str]:
+    """The outputs a node may wire but need not: unwired, the case ends the visit there."""
+    # An update-profile node's write refused by identity: without ``failure`` the customer
+    # leaves with ``(refused)``.
+    return ["failure"] if node_kind(node) == "update_profile" else []
+
+
+def refusal_output(node: jpb.Node) -> str:
+    """The output taken when a peer refuses the node's call for good: ``failure`` where the node
+    has one (a webhook; an update-profile node that wires it), else ``(refused)`` (leave)."""
+    if "failure" in outputs_of(node) or (
+        "failure" in optional_outputs_of(node) and "failure" in node.next
+    ):
+        return "failure"
+    return "(refused)"
 
 
 def waits(node: jpb.Node) -> bool:
@@ -232,15 +252,16 @@ class _Checker:
             return
         getattr(self, f"node_{kind}")(node, nid, f"{path}.{kind}")
         outputs = outputs_of(node)
+        allowed = outputs + optional_outputs_of(node)
         for output in sorted(node.next):
             target = node.next[output]
-            if output not in outputs:
+            if output not in allowed:
                 self.add(
                     nid,
                     f"{path}.next[{output}]",
                     "UNKNOWN_OUTPUT",
-                    f"a {kind} node has no output {output!r} (it has: {', '.join(outputs)})"
-                    if outputs
+                    f"a {kind} node has no output {output!r} (it has: {', '.join(allowed)})"
+                    if allowed
                     else f"a {kind} node has no outputs",
                 )
             elif target not in self.index:

@@ -18,8 +18,8 @@ write sets the same values, a webhook the same ``X-Tidings-Idempotency-Key``). A
 call fails for a reason that may pass (a service down, no key) stays where it is and is retried
 after :data:`RETRY_DELAY` (logged each time). A call the peer refuses (an undefined or mistyped
 attribute, a user's attribute limit, an invalid event read) would be refused again: the
-customer leaves the node by its ``failure`` output if the kind has one (a webhook), otherwise
-leaves the journey with ``(refused)`` as the step's output.
+customer leaves the node by its ``failure`` output if it has one (a webhook; an update-profile
+node that wires it), otherwise leaves the journey with ``(refused)`` as the step's output.
 
 Customers of a paused journey are parked (their wake time kept aside until Resume); customers
 of a stopped or deleted journey are taken out.
@@ -49,7 +49,7 @@ from tidings.journey.v1 import journey_pb2 as jpb
 from services.journey import instances_store, schedule
 from services.journey.catalog import Catalog
 from services.journey.conditions import ProfileFacts, matches_profile, value_of
-from services.journey.definitions import node_kind, outputs_of
+from services.journey.definitions import node_kind, refusal_output
 from services.journey.entries import Candidate, enter
 from services.journey.instances_store import Instance, RouteRows, StepRow
 from services.journey.peers import PeerRefused, Peers, PeerUnavailable
@@ -564,8 +564,7 @@ class Engine:
                 refused,
             )
             refused_at = nodes[inst.node_id]
-            output = "failure" if "failure" in outputs_of(refused_at) else "(refused)"
-            self._leave(inst, refused_at, output, effects, now)
+            self._leave(inst, refused_at, refusal_output(refused_at), effects, now)
             return inst
         except Exception:
             # A bug or bad data must not stall every customer claimed with this one: this

@@ -9,14 +9,21 @@ event, a birthday) comes down to :func:`enter`, inside the caller's transaction:
    row lock to ``FOR UPDATE`` instead deadlocked: two entries holding ``FOR SHARE`` each waited
    for the other to let go.) Lock order, everywhere: the journey row before its customers'
    rows;
-2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``), unless only
-   the entry schedule refused it: that trigger may enter once the schedule is open;
+2. a (customer, trigger) pair seen before changes nothing (``DUPLICATE_TRIGGER``), unless it
+   was refused for a passing reason (``OUTSIDE_SCHEDULE``, ``CONCURRENCY_LIMIT``): that
+   trigger may enter once the schedule is open or the journey has room, and its ``entries``
+   row takes the latest outcome;
 3. a customer inside is refused (``ALREADY_INSIDE``); one who left is refused by the re-entry
    rule (``REENTRY_REFUSED``: once, or within the cooldown since the last entry); entries past
    the limit of customers inside are refused (``CONCURRENCY_LIMIT``), and so is every entry
    outside the entry schedule (``OUTSIDE_SCHEDULE``);
 4. every attempt is recorded in ``entries`` (the refusals are statistics), and those who entered
    stand at the start node, due now, with the first step of their path.
+
+A journey that is not active (paused, stopped) records nothing: ``JOURNEY_NOT_ACTIVE`` refuses
+the journey, not the customer, so it never uses up a trigger (after Resume the same trigger
+enters). Its callers rarely get that far: AddCustomers refuses the whole call first, facts are
+not offered to a paused journey, and an audience waits for Resume.
 """
 
 from __future__ import annotations
@@ -107,6 +114,7 @@ async def enter(
         journey_id,
     )
     if row is None or row["state"] != "active":
+        # Not recorded: a paused journey's refusal must not use up the trigger (see above).
         return ["JOURNEY_NOT_ACTIVE"] * len(candidates)
     version = int(row["active_version"])
     definition: jpb.JourneyDefinition = await definitions(app_id, journey_id, version)

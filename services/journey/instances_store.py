@@ -15,6 +15,7 @@ from typing import Any
 from services.runtime.db import DBConnection
 
 __all__ = [
+    "TRANSIENT_REFUSALS",
     "Instance",
     "RouteRows",
     "StepRow",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 ACTIVE_STATUSES = ("active", "waiting")
+#: Entry refusals that say "not now" rather than "never for this trigger": their ``entries``
+#: row does not use up the trigger (see :func:`insert_entries`).
+TRANSIENT_REFUSALS = ("OUTSIDE_SCHEDULE", "CONCURRENCY_LIMIT")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -639,8 +643,8 @@ async def enter_routed(
 async def seen_triggers(
     conn: DBConnection, app_id: str, journey_id: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
 ) -> set[tuple[uuid.UUID, str]]:
-    """Which (user, trigger) pairs already tried to enter (a schedule refusal does not count:
-    the trigger may enter once the schedule is open)."""
+    """Which (user, trigger) pairs already tried to enter (a :data:`TRANSIENT_REFUSALS` row does
+    not count: that trigger may still enter)."""
     if not pairs:
         return set()
     records = await conn.fetch(
@@ -648,12 +652,13 @@ async def seen_triggers(
         SELECT e.user_id, e.trigger_id FROM entries e
         JOIN unnest($3::uuid[], $4::text[]) AS p(user_id, trigger_id)
           ON e.user_id = p.user_id AND e.trigger_id = p.trigger_id
-        WHERE e.app_id = $1 AND e.journey_id = $2 AND e.outcome <> 'OUTSIDE_SCHEDULE'
+        WHERE e.app_id = $1 AND e.journey_id = $2 AND e.outcome <> ALL($5::text[])
         """,
         app_id,
         journey_id,
         [p[0] for p in pairs],
         [p[1] for p in pairs],
+        TRANSIENT_REFUSALS,
     )
     return {(r["user_id"], r["trigger_id"]) for r in records}
 
@@ -668,9 +673,10 @@ async def insert_entries(
     """Record ``(user_id, trigger_id, outcome)`` attempts; returns the pairs recorded now (a
     concurrent twin of a pair loses).
 
-    A pair refused only by the entry schedule (``OUTSIDE_SCHEDULE``) is recorded again by its
-    next attempt: the refusal said "not now", so a retry of the same trigger once the schedule
-    is open (an activation audience, an AddCustomers retry) is not a duplicate.
+    A pair last refused for a passing reason (:data:`TRANSIENT_REFUSALS`) is recorded again by
+    its next attempt, which replaces the outcome: the refusal said "not now", so a retry of the
+    same trigger (an AddCustomers retry, an audience page entered again) is not a duplicate, and
+    the statistics keep one row per customer and trigger, with the latest outcome.
     """
     if not rows:
         return set()
@@ -681,7 +687,7 @@ async def insert_entries(
         FROM unnest($3::uuid[], $4::text[], $5::text[]) AS r(user_id, trigger_id, outcome)
         ON CONFLICT (app_id, journey_id, user_id, trigger_id) DO UPDATE
             SET outcome = excluded.outcome, entry_time = excluded.entry_time
-            WHERE entries.outcome = 'OUTSIDE_SCHEDULE'
+            WHERE entries.outcome = ANY($7::text[])
         RETURNING user_id, trigger_id
         """,
         app_id,
@@ -690,6 +696,7 @@ async def insert_entries(
         [r[1] for r in rows],
         [r[2] for r in rows],
         at,
+        TRANSIENT_REFUSALS,
     )
     return {(r["user_id"], r["trigger_id"]) for r in records}
 

@@ -39,6 +39,27 @@ def test_graph_problems_name_node_and_field() -> None:
     assert ("c", "definition.nodes[2].next[true]", "DANGLING_OUTPUT") in found
 
 
+def test_an_update_profile_node_may_wire_a_failure_output_and_nothing_else() -> None:
+    tag = jpb.UpdateProfileNode(attributes={"vip": user_pb2.AttributeValue(string_value="yes")})
+
+    def tagging(**wiring: str) -> jpb.JourneyDefinition:
+        return definition(node("tag", update_profile=tag, next=wiring), exit_node("end"))
+
+    wired, plain = tagging(next="end", failure="end"), tagging(next="end")
+    assert problems(wired) == problems(plain) == set()  # optional: unwired is not dangling
+    assert definitions.refusal_output(wired.nodes[0]) == "failure"
+    assert definitions.refusal_output(plain.nodes[0]) == "(refused)"
+    assert problems(tagging(next="end", oops="end")) == {
+        ("tag", "definition.nodes[0].next[oops]", "UNKNOWN_OUTPUT")
+    }
+    # Only update-profile nodes have it optional: a branch has no failure output at all.
+    branch = definition(
+        node("b", branch=jpb.BranchNode(), next={"true": "end", "false": "end", "failure": "end"}),
+        exit_node("end"),
+    )
+    assert ("b", "definition.nodes[0].next[failure]", "UNKNOWN_OUTPUT") in problems(branch)
+
+
 def test_cycle_without_a_wait_is_refused_and_one_with_a_delay_is_not() -> None:
     split = jpb.SplitNode(
         branches=[jpb.SplitBranch(output="x", weight=50), jpb.SplitBranch(output="y", weight=50)]

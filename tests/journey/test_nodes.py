@@ -131,6 +131,43 @@ async def test_a_refused_profile_write_moves_the_customer_out_with_the_reason(
     assert (tag.entered, tag.exited, tag.waiting) == (1, 1, 0)
 
 
+async def test_a_refused_profile_write_takes_the_failure_output_when_wired(
+    journeys: Any, users: Any, identity_channel_j: grpc.aio.Channel
+) -> None:
+    strict = await create_test_app(
+        apps_service_pb2_grpc.AppsServiceStub(identity_channel_j),
+        app_pb2.AppSettings(undefined_fields=app_pb2.UNDEFINED_FIELD_POLICY_REJECT),
+    )
+    (user_id,) = await make_users(users, strict, 1)
+    d = definition(
+        node(
+            "tag",
+            update_profile=jpb.UpdateProfileNode(attributes={"never_defined": s("yes")}),
+            next={"next": "after", "failure": "fallback"},
+        ),
+        send("after", next="end"),
+        send("fallback", template="tpl-fallback", next="end"),
+        exit_node("end"),
+    )
+    journey = await create_active(journeys, strict.server, d)
+    jid = journey.journey_id
+    async with SendFeed(strict.app_id) as sends:
+        await add(journeys, strict, jid, [user_id])
+        [sent] = await sends.wait_for(1, jid)
+        exited = await eventually(lambda: _exited(journeys, strict, jid, user_id), within=10)
+        await sends.settle(0.5)
+    assert (sent.user_id, sent.journey_node_id) == (user_id, "fallback")
+    assert len(sends.of(jid)) == 1
+    assert exited is not None
+    assert [p.node_id for p in exited.path] == ["tag", "fallback", "end"]
+    assert exited.path[0].output == "failure"
+    stats = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(journey_id=jid), metadata=strict.server
+    )
+    tag = next(n for n in stats.nodes if n.node_id == "tag")
+    assert dict((o.output, o.count) for o in tag.outputs) == {"failure": 1}
+
+
 async def _exited(journeys: Any, app: TestApp, jid: str, user_id: str) -> pb.CustomerState | None:
     """The customer's state once exited; None before."""
     found = await state(journeys, app, jid, user_id)
@@ -382,3 +419,68 @@ async def test_reentry_once_concurrency_limit_and_state_api(
         pb.GetJourneyStatsRequest(journey_id=jid), metadata=app.server
     )
     assert stats.entries_refused == 3  # the concurrency limit, the re-entry rule, inside
+
+
+async def _add_as(
+    journeys: Any, app: TestApp, jid: str, user_id: str, request_id: str
+) -> pb.EntryResult:
+    """AddCustomers of one customer under ``request_id``; that customer's result."""
+    response = await journeys.AddCustomers(
+        pb.AddCustomersRequest(
+            journey_id=jid,
+            customers=[user_ref_pb2.UserRef(user_id=user_id)],
+            request_id=request_id,
+        ),
+        metadata=app.server,
+    )
+    result: pb.EntryResult = response.results[0]
+    return result
+
+
+async def _move_out(journeys: Any, app: TestApp, jid: str, user_id: str) -> None:
+    """Send a customer to the exit node and wait until the engine has taken them out."""
+    await journeys.PutCustomerState(
+        pb.PutCustomerStateRequest(
+            journey_id=jid, customer=user_ref_pb2.UserRef(user_id=user_id), node_id="end"
+        ),
+        metadata=app.server,
+    )
+    await eventually(lambda: _exited(journeys, app, jid, user_id), what="customer exited")
+
+
+async def test_a_full_or_paused_journey_does_not_use_up_the_trigger(
+    journeys: Any, users: Any, app: TestApp
+) -> None:
+    a, b, c = await make_users(users, app, 3)
+    d = definition(
+        node("hold", delay=jpb.DelayNode(duration=seconds(3600)), next={"next": "end"}),
+        exit_node("end"),
+        max_concurrent_customers=1,
+    )
+    jid = (await create_active(journeys, app.server, d)).journey_id
+    assert (await _add_as(journeys, app, jid, a, "add-a")).entered
+    full = item_failure((await _add_as(journeys, app, jid, b, "add-b")).error)
+    assert (full.code, full.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CONCURRENCY_LIMIT")
+
+    await _move_out(journeys, app, jid, a)
+    # The same request, retried once there is room, enters; retried again, it is a duplicate.
+    assert (await _add_as(journeys, app, jid, b, "add-b")).entered
+    twice = item_failure((await _add_as(journeys, app, jid, b, "add-b")).error)
+    assert (twice.code, twice.reason) == (grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_TRIGGER")
+
+    # Paused: the call is refused as a whole and nothing is recorded, so it enters after Resume.
+    await journeys.PauseJourney(pb.PauseJourneyRequest(journey_id=jid), metadata=app.server)
+    paused = await failure(_add_as(journeys, app, jid, c, "add-c"))
+    assert (paused.code, paused.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "JOURNEY_NOT_ACTIVE",
+    )
+    await journeys.ResumeJourney(pb.ResumeJourneyRequest(journey_id=jid), metadata=app.server)
+    await _move_out(journeys, app, jid, b)
+    assert (await _add_as(journeys, app, jid, c, "add-c")).entered
+
+    # One row per customer and trigger, with the latest outcome: B's refusal became an entry.
+    stats = await journeys.GetJourneyStats(
+        pb.GetJourneyStatsRequest(journey_id=jid), metadata=app.server
+    )
+    assert (stats.entered, stats.entries_refused) == (3, 0)
