@@ -13,12 +13,20 @@ Other identity modules read an app's switches with :func:`get_app_settings`::
 
     settings = await get_app_settings(conn, caller.app_id)
     if settings.undefined_fields == "reject": ...
+
+An app's **login secret** (the key of the proofs a client key's Login must carry, see
+``login.py``) is chosen by the app's owner, since their backend must hold it too. It is stored
+sealed with identity's :class:`~services.runtime.secrets_box.SecretBox` (bound to the app), is
+never returned (an app only says ``has_login_secret``), and changes only when an UpdateApp mask
+names ``login_secret``: a read-modify-write with an empty mask or ``*`` cannot know it, and
+must not erase it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import secrets
 import uuid
 import zoneinfo
@@ -28,7 +36,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.identity import apps_store
+from services.identity import apps_store, pii
 from services.identity.apps_store import (
     ApiKeyRecord,
     AppRecord,
@@ -38,18 +46,24 @@ from services.identity.apps_store import (
 )
 from services.runtime import paging
 from services.runtime.auth import Principal, Scope
+from services.runtime.db import DBConnection
 from services.runtime.errors import (
+    FailedPrecondition,
     FieldViolation,
     FieldViolations,
     InvalidArgument,
     NotFound,
     Unauthenticated,
 )
+from services.runtime.secrets_box import SecretBoxError
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
+    "LOGIN_SECRET_PATH",
     "MAX_DISPLAY_NAME_LENGTH",
+    "MAX_LOGIN_SECRET_LENGTH",
     "MAX_PAGE_SIZE",
+    "MIN_LOGIN_SECRET_LENGTH",
     "SECRET_PREFIX",
     "UPDATE_PATHS",
     "ApiKeyPage",
@@ -70,6 +84,7 @@ __all__ = [
     "is_valid_timezone",
     "list_api_keys",
     "list_apps",
+    "login_secret",
     "looks_like_secret",
     "new_secret",
     "principal_for",
@@ -78,7 +93,13 @@ __all__ = [
     "validate_app",
 ]
 
+log = logging.getLogger(__name__)
+
 MAX_DISPLAY_NAME_LENGTH = 200
+#: A login secret's length: 32 characters at least (enough randomness for an HMAC key when
+#: generated, e.g. ``secrets.token_urlsafe(32)``), 256 at most.
+MIN_LOGIN_SECRET_LENGTH = 32
+MAX_LOGIN_SECRET_LENGTH = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
@@ -93,7 +114,9 @@ _PREFIX_RANDOM_CHARS = 8
 _KEY_SCOPES = (Scope.SERVER, Scope.CLIENT)
 _BASE64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
-#: Paths UpdateApp accepts in its ``update_mask`` (``*`` also means all of them, AIP-134).
+#: The update-mask path of the login secret; only naming it changes the secret.
+LOGIN_SECRET_PATH = "login_secret"
+#: Paths UpdateApp accepts in its ``update_mask``.
 UPDATE_PATHS = frozenset(
     {
         "display_name",
@@ -101,8 +124,11 @@ UPDATE_PATHS = frozenset(
         "settings.allow_client_login",
         "settings.undefined_fields",
         "settings.default_timezone",
+        LOGIN_SECRET_PATH,
     }
 )
+#: What an empty mask or ``*`` means (AIP-134): every field but the write-only login secret.
+_ALL_PATHS = UPDATE_PATHS - {LOGIN_SECRET_PATH}
 _SETTINGS_FIELDS = ("allow_client_login", "undefined_fields", "default_timezone")
 
 #: Names in the system zone database that are not IANA zones a caller means.
@@ -198,18 +224,34 @@ def _check_settings(
         )
 
 
-def validate_app(display_name: str, settings: AppSettingsRecord) -> None:
+def _check_login_secret(violations: FieldViolations, field: str, value: str) -> None:
+    # Empty means none. Printable ASCII only, so every backend turns it into the same key bytes.
+    if not value:
+        return
+    if len(value) < MIN_LOGIN_SECRET_LENGTH:
+        violations.add(field, f"at least {MIN_LOGIN_SECRET_LENGTH} characters", reason="TOO_SHORT")
+    elif len(value) > MAX_LOGIN_SECRET_LENGTH:
+        violations.add(field, f"at most {MAX_LOGIN_SECRET_LENGTH} characters", reason="TOO_LONG")
+    elif not all("!" <= char <= "~" for char in value):
+        violations.add(
+            field, "printable ASCII characters without spaces only", reason="INVALID_FORMAT"
+        )
+
+
+def validate_app(display_name: str, settings: AppSettingsRecord, login_secret: str = "") -> None:
     """Check a new app.
 
     Raises:
-        InvalidArgument: Naming ``app.display_name`` (required, at most 200 characters) and
-            ``app.settings.default_timezone`` (an IANA zone or empty) when they are wrong.
+        InvalidArgument: Naming ``app.display_name`` (required, at most 200 characters),
+            ``app.settings.default_timezone`` (an IANA zone or empty) and ``app.login_secret``
+            (empty, or 32 to 256 printable ASCII characters) when they are wrong.
     """
     violations = FieldViolations()
     if not display_name.strip():
         violations.add("app.display_name", "required", reason="REQUIRED")
     _check_display_name(violations, "app.display_name", display_name)
     _check_settings(violations, "app.settings", settings, _SETTINGS_FIELDS)
+    _check_login_secret(violations, "app.login_secret", login_secret)
     violations.raise_if_any()
 
 
@@ -224,10 +266,10 @@ def _check_request_id(request_id: str) -> str | None:
 
 
 def _normalise_mask(paths: Iterable[str]) -> frozenset[str]:
-    """The update paths, expanded: empty or ``*`` means every field (AIP-134)."""
+    """The update paths, expanded: empty or ``*`` means every field but the login secret."""
     paths = list(paths)
     if not paths or paths == ["*"]:
-        return UPDATE_PATHS
+        return _ALL_PATHS
     unknown = [path for path in paths if path not in UPDATE_PATHS]
     if unknown:
         violations = FieldViolations()
@@ -247,6 +289,7 @@ def apply_update(
     display_name: str,
     settings: AppSettingsRecord,
     paths: Iterable[str],
+    login_secret: str = "",
 ) -> tuple[str, AppSettingsRecord]:
     """The app's new name and settings after an UpdateApp, validated.
 
@@ -255,17 +298,21 @@ def apply_update(
         display_name: The requested name (used if the mask names it).
         settings: The requested settings (each field used if the mask names it, or
             ``settings`` as a whole).
-        paths: The update mask's paths; empty or ``*`` means all fields.
+        paths: The update mask's paths; empty or ``*`` means all fields but the login secret.
+        login_secret: The requested login secret (validated if the mask names it; the caller
+            stores it).
 
     Returns:
         The new display name and settings.
 
     Raises:
         InvalidArgument: ``update_mask`` names an unknown path, or a changed field is invalid
-            (named as ``app.display_name`` / ``app.settings.<field>``).
+            (named as ``app.display_name`` / ``app.settings.<field>`` / ``app.login_secret``).
     """
     mask = _normalise_mask(paths)
     violations = FieldViolations()
+    if LOGIN_SECRET_PATH in mask:
+        _check_login_secret(violations, "app.login_secret", login_secret)
     new_name = current.display_name
     if "display_name" in mask:
         if not display_name.strip():
@@ -364,23 +411,60 @@ class NewApiKey:
     secret: str
 
 
+def _seal_login_secret(app_id: str, secret: str) -> bytes | None:
+    """The stored form of a login secret (None for empty: no secret)."""
+    if not secret:
+        return None
+    return pii.box().seal(secret.encode(), apps_store.login_secret_context(app_id))
+
+
+async def login_secret(conn: DBConnection, app_id: str) -> bytes | None:
+    """App ``app_id``'s login secret (the key of its login proofs), or None if it has none.
+
+    Raises:
+        FailedPrecondition: ``LOGIN_SECRET_UNREADABLE``: no key of
+            ``TIDINGS_IDENTITY_SECRET_KEY`` opens it (the material it was sealed with was
+            dropped); logins that need it are refused until it is set again.
+    """
+    sealed = await apps_store.get_sealed_login_secret(conn, app_id)
+    if sealed is None:
+        return None
+    try:
+        return pii.box().open(sealed, apps_store.login_secret_context(app_id))
+    except SecretBoxError:
+        log.error("the login secret of app %s opens with no listed key", app_id)
+        raise FailedPrecondition(
+            "the app's login secret cannot be read by this deployment; set it again with "
+            "UpdateApp (login_secret)",
+            reason="LOGIN_SECRET_UNREADABLE",
+            metadata={"app_id": app_id},
+        ) from None
+
+
 async def create_app(
-    pool: asyncpg.Pool, *, display_name: str, settings: AppSettingsRecord, request_id: str
+    pool: asyncpg.Pool,
+    *,
+    display_name: str,
+    settings: AppSettingsRecord,
+    request_id: str,
+    login_secret: str = "",
 ) -> AppRecord:
     """Create an app; a retry with the same ``request_id`` returns the first app (AIP-155).
 
     Raises:
         InvalidArgument: The app or the request id is invalid (see :func:`validate_app`).
     """
-    validate_app(display_name, settings)
+    validate_app(display_name, settings, login_secret)
     stored_request_id = _check_request_id(request_id)
+    app_id = _new_id("app")
     async with pool.acquire() as conn:
         return await apps_store.insert_app(
             conn,
-            app_id=_new_id("app"),
+            app_id=app_id,
             display_name=display_name,
             settings=settings,
             request_id=stored_request_id,
+            login_secret=_seal_login_secret(app_id, login_secret),
         )
 
 
@@ -428,8 +512,12 @@ async def update_app(
     display_name: str,
     settings: AppSettingsRecord,
     paths: Iterable[str],
+    login_secret: str = "",
 ) -> AppRecord:
     """Change the fields of app ``app_id`` named by ``paths`` (see :func:`apply_update`).
+
+    The login secret changes (is set, rotated, or removed when empty) only if ``paths`` names
+    ``login_secret``; proofs made with the old secret fail from the commit on.
 
     Raises:
         InvalidArgument: ``app.app_id`` empty, a bad mask path or an invalid new value.
@@ -439,15 +527,22 @@ async def update_app(
     _require(violations, "app.app_id", app_id)
     violations.raise_if_any()
     paths = list(paths)
-    _normalise_mask(paths)  # a bad mask is a bad request whether or not the app exists
+    mask = _normalise_mask(paths)  # a bad mask is a bad request whether or not the app exists
     async with pool.acquire() as conn, conn.transaction():
         # Locked: two concurrent partial updates must not lose each other's fields.
         current = await apps_store.get_app_for_update(conn, app_id)
         if current is None:
             raise _app_not_found(app_id)
         new_name, new_settings = apply_update(
-            current, display_name=display_name, settings=settings, paths=paths
+            current,
+            display_name=display_name,
+            settings=settings,
+            paths=paths,
+            login_secret=login_secret,
         )
+        if LOGIN_SECRET_PATH in mask:
+            sealed = _seal_login_secret(app_id, login_secret)
+            await apps_store.set_login_secret(conn, app_id, sealed)
         return await apps_store.update_app(
             conn, app_id=app_id, display_name=new_name, settings=new_settings
         )

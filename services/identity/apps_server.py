@@ -2,6 +2,8 @@
 
 Every method starts with :func:`~services.identity.access.require_admin`: app keys (server or
 client) get PERMISSION_DENIED here, so one app's key can never see or touch another app.
+An app's ``login_secret`` goes in (CreateApp, UpdateApp) and never out: answers carry only
+``has_login_secret``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def _app_out(app: AppRecord) -> app_pb2.App:
         ),
         create_time=_timestamp(app.create_time),
         update_time=_timestamp(app.update_time),
+        has_login_secret=app.has_login_secret,
     )
 
 
@@ -108,6 +111,7 @@ class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
             display_name=request.app.display_name,
             settings=_settings_in(request.app.settings),
             request_id=request.request_id,
+            login_secret=request.app.login_secret,
         )
         return _app_out(app)
 
@@ -141,6 +145,7 @@ class AppsServicer(apps_service_pb2_grpc.AppsServiceServicer):
             display_name=request.app.display_name,
             settings=_settings_in(request.app.settings),
             paths=list(request.update_mask.paths),
+            login_secret=request.app.login_secret,
         )
         return _app_out(app)
 

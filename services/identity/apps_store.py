@@ -5,6 +5,9 @@ queries that build them, so the domain module (``apps.py``) can import the store
 store importing it back.
 
 Other identity modules read an app's behaviour switches with :func:`get_app_settings`.
+
+``apps.login_secret`` holds the app's login secret sealed (``apps.py`` seals and opens it); the
+records only say whether there is one, so no read path can return it by mistake.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import asyncpg
 from services.runtime.auth import Scope
 from services.runtime.db import DBConnection
 from services.runtime.errors import NotFound
+from services.runtime.key_rotation import SealedColumn
 
 __all__ = [
     "API_KEYS_CHANNEL",
+    "LOGIN_SECRET_COLUMN",
     "ApiKeyRecord",
     "AppRecord",
     "AppSettingsRecord",
@@ -31,12 +36,15 @@ __all__ = [
     "get_app",
     "get_app_for_update",
     "get_app_settings",
+    "get_sealed_login_secret",
     "insert_api_key",
     "insert_app",
     "list_api_keys",
     "list_apps",
+    "login_secret_context",
     "notify_key_revoked",
     "revoke_api_key",
+    "set_login_secret",
     "settings_from_json",
     "settings_to_json",
     "update_app",
@@ -73,13 +81,14 @@ class AppSettingsRecord:
 
 @dataclass(frozen=True, slots=True)
 class AppRecord:
-    """One app (tenant) as stored."""
+    """One app (tenant) as stored; of its login secret, only whether it has one."""
 
     app_id: str
     display_name: str
     settings: AppSettingsRecord
     create_time: datetime
     update_time: datetime
+    has_login_secret: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,7 @@ def _app(row: asyncpg.Record) -> AppRecord:
         settings=settings_from_json(row["settings"]),
         create_time=row["create_time"],
         update_time=row["update_time"],
+        has_login_secret=row["has_login_secret"],
     )
 
 
@@ -147,7 +157,10 @@ def _api_key(row: asyncpg.Record) -> ApiKeyRecord:
     )
 
 
-_APP_COLUMNS = "app_id, display_name, settings, create_time, update_time"
+_APP_COLUMNS = (
+    "app_id, display_name, settings, create_time, update_time,"
+    " login_secret IS NOT NULL AS has_login_secret"
+)
 #: The NOTIFY channel revocations are announced on; the payload is the key id.
 API_KEYS_CHANNEL = "tidings_api_keys"
 
@@ -182,6 +195,7 @@ async def insert_app(
     display_name: str,
     settings: AppSettingsRecord,
     request_id: str | None,
+    login_secret: bytes | None = None,
 ) -> AppRecord:
     """Create an app, or return the one created earlier with the same ``request_id``.
 
@@ -191,6 +205,7 @@ async def insert_app(
         display_name: Its name.
         settings: Its settings.
         request_id: The caller's idempotency key (AIP-155), or None.
+        login_secret: Its login secret, sealed for ``app_id``; None for none.
 
     Returns:
         The app created now, or the first app created with ``request_id``.
@@ -199,8 +214,8 @@ async def insert_app(
     # racing each other both end up with the one app the unique constraint let through.
     row = await conn.fetchrow(
         f"""
-        INSERT INTO apps (app_id, display_name, settings, request_id)
-        VALUES ($1, $2, $3, $4)
+        INSERT INTO apps (app_id, display_name, settings, request_id, login_secret)
+        VALUES ($1, $2, $3, $4, $5)
         ON CONFLICT (request_id) DO NOTHING
         RETURNING {_APP_COLUMNS}
         """,
@@ -208,6 +223,7 @@ async def insert_app(
         display_name,
         settings_to_json(settings),
         request_id,
+        login_secret,
     )
     if row is None:
         row = await conn.fetchrow(
@@ -283,6 +299,33 @@ async def update_app(
             f"app {app_id!r} not found", reason="APP_NOT_FOUND", metadata={"app_id": app_id}
         )
     return _app(row)
+
+
+def login_secret_context(app_id: str) -> str:
+    """The associated data an app's login secret is sealed with (it opens for that app only)."""
+    return f"apps/{app_id}/login_secret"
+
+
+#: For key rotation (:func:`services.runtime.key_rotation.reseal_all` with identity's box).
+LOGIN_SECRET_COLUMN = SealedColumn(
+    table="apps",
+    keys=("app_id",),
+    column="login_secret",
+    context=lambda row: login_secret_context(row["app_id"]),
+)
+
+
+async def set_login_secret(conn: DBConnection, app_id: str, sealed: bytes | None) -> None:
+    """Store an app's sealed login secret (None removes it); the caller checked the app exists."""
+    await conn.execute("UPDATE apps SET login_secret = $2 WHERE app_id = $1", app_id, sealed)
+
+
+async def get_sealed_login_secret(conn: DBConnection, app_id: str) -> bytes | None:
+    """An app's login secret as stored (sealed), or None if it has none (or does not exist)."""
+    value: bytes | None = await conn.fetchval(
+        "SELECT login_secret FROM apps WHERE app_id = $1", app_id
+    )
+    return value
 
 
 async def insert_api_key(

@@ -1,7 +1,7 @@
 """Customer fields: an app's definitions of its users' custom attributes.
 
-A definition fixes an attribute's type (string, number, bool, timestamp) so every stored value
-of that name has the same JSON shape and segments can compare and cast it. Writes are checked
+A definition fixes an attribute's type (string, number, bool, timestamp, date) so every stored
+value of that name has the same JSON shape and segments can compare and cast it. Writes are checked
 against the definitions; a name with no definition is defined by its first value or refused,
 as the app's ``undefined_fields`` setting says (:class:`FieldCatalog`).
 
@@ -15,7 +15,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 
 from services.identity.validation import text_problem
@@ -30,6 +30,7 @@ __all__ = [
     "FieldCatalog",
     "FieldType",
     "attribute_name_problem",
+    "parse_date",
     "validate_new_field",
 ]
 
@@ -71,6 +72,29 @@ class FieldType(StrEnum):
     NUMBER = "number"
     BOOL = "bool"
     TIMESTAMP = "timestamp"
+    #: A calendar date, no time of day or zone: stored and conveyed as ``'YYYY-MM-DD'``.
+    DATE = "date"
+
+
+#: The one form of a date value: four-digit year, two-digit month and day.
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_date(text: str) -> date:
+    """The calendar date of a ``'YYYY-MM-DD'`` value (the stored and API form of a date field).
+
+    Stricter than ``date.fromisoformat``, which also takes ``20260131`` and week dates: one
+    spelling per date keeps equality a plain comparison of the stored strings.
+
+    Raises:
+        ValueError: Not a valid date in that form.
+    """
+    if _ISO_DATE.fullmatch(text):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass  # 2026-02-30, month 13: said below
+    raise ValueError(f"{text[:32]!r} is not a date 'YYYY-MM-DD'")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 
@@ -30,7 +31,9 @@ __all__ = [
     "ImportSpec",
     "Mode",
     "check_options",
+    "date_attributes",
     "new_import_id",
+    "with_defined_fields",
 ]
 
 #: Client-chosen import ids: what the proto promises, safe in logs and URLs.
@@ -78,11 +81,28 @@ class AttributeKind(Enum):
     BOOL = "bool"
     DATE = "date"
     TIMESTAMP = "timestamp"
+    #: Not a request's: a DATE column feeding a field defined as a timestamp before date fields
+    #: existed. Its cells are stored as they always were, timestamps at midnight UTC
+    #: (:func:`with_defined_fields`).
+    DATE_AS_TIMESTAMP = "date_as_timestamp"
 
     @property
     def field_type(self) -> FieldType:
-        """The customer-field type of the values (dates are stored as timestamps)."""
-        return FieldType.TIMESTAMP if self is AttributeKind.DATE else FieldType(self.value)
+        """The customer-field type of the values."""
+        return (
+            FieldType.TIMESTAMP
+            if self is AttributeKind.DATE_AS_TIMESTAMP
+            else FieldType(self.value)
+        )
+
+    @property
+    def dated(self) -> bool:
+        """Whether cells are dates or times (a ``date_format`` applies)."""
+        return self in (
+            AttributeKind.DATE,
+            AttributeKind.TIMESTAMP,
+            AttributeKind.DATE_AS_TIMESTAMP,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +192,7 @@ def _check_column(index: int, column: ColumnSpec, seen: dict[str, str], v: Field
             v.add(f"{path}.attribute.name", problem, reason="INVALID_ATTRIBUTE_NAME")
         if column.kind is None:
             v.add(f"{path}.attribute.type", "required", reason="REQUIRED")
-        dated = column.kind in (AttributeKind.DATE, AttributeKind.TIMESTAMP)
+        dated = column.kind is not None and column.kind.dated
         target = f"attribute {column.attribute!r}"
     else:
         if column.subscription is None or column.subscription not in _SUBSCRIPTION_TARGETS:
@@ -276,3 +296,27 @@ def check_options(spec: ImportSpec) -> ImportSpec:
             v.add("options.list_name", problem, reason="INVALID_TEXT")
     v.raise_if_any(reason="INVALID_IMPORT_OPTIONS")
     return spec
+
+
+def date_attributes(spec: ImportSpec) -> set[str]:
+    """The attributes DATE columns fill: whose definitions :func:`with_defined_fields` needs."""
+    return {c.attribute for c in spec.columns if c.kind is AttributeKind.DATE and c.attribute}
+
+
+def with_defined_fields(spec: ImportSpec, field_types: Mapping[str, FieldType]) -> ImportSpec:
+    """``spec`` with its DATE columns that feed a field defined as a timestamp read as
+    DATE_AS_TIMESTAMP, so apps that imported dates before date fields existed go on as before.
+
+    Args:
+        spec: Checked options.
+        field_types: The types of the app's fields the DATE columns name (others are new or
+            dates: their cells stay calendar dates).
+    """
+    columns = tuple(
+        replace(column, kind=AttributeKind.DATE_AS_TIMESTAMP)
+        if column.kind is AttributeKind.DATE
+        and field_types.get(column.attribute or "") is FieldType.TIMESTAMP
+        else column
+        for column in spec.columns
+    )
+    return spec if columns == spec.columns else replace(spec, columns=columns)

@@ -104,6 +104,7 @@ _SQL_TYPES = {
     AttributeKind.BOOL: "bool",
     AttributeKind.DATE: "text",
     AttributeKind.TIMESTAMP: "text",
+    AttributeKind.DATE_AS_TIMESTAMP: "text",
 }
 
 
@@ -175,6 +176,8 @@ class StagingLayout:
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 _MONTH_DAY = re.compile(r"--([0-9]{2})-([0-9]{2})")
+#: A date cell already in its stored form.
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 # A reader takes a trimmed, non-empty cell and returns its value, or raises ValueError saying
@@ -269,6 +272,22 @@ def _moment_reader(fmt: str, *, date_only: bool) -> Callable[[str], str]:
         return cell[:26] + "Z" if plain.group(1) else cell[:19] + ".000000Z"
 
     return read if fmt or date_only else read_iso
+
+
+def _date_reader(fmt: str) -> Callable[[str], str]:
+    """Cells of a date field: stored as the calendar date they name, 'YYYY-MM-DD' (a time of
+    day or offset a format reads is dropped, not converted: the date is the one written)."""
+
+    def read(cell: str) -> str:
+        if not fmt and _ISO_DATE.fullmatch(cell):
+            try:
+                date.fromisoformat(cell)  # the calendar check (Feb 30)
+                return cell
+            except ValueError:
+                pass  # said below
+        return _parse_moment(cell, fmt, date_only=True).date().isoformat()
+
+    return read
 
 
 def _birthdate_reader(fmt: str, today: date) -> Callable[[str], tuple[int | None, int, int]]:
@@ -368,7 +387,9 @@ def _reader(column: ColumnSpec, today: date) -> tuple[Callable[[str], object], i
             return _number, 1, False, "INVALID_NUMBER"
         if kind is AttributeKind.BOOL:
             return _bool, 1, False, "INVALID_BOOL"
-        date_only = kind is AttributeKind.DATE
+        if kind is AttributeKind.DATE:
+            return _date_reader(column.date_format), 1, False, "INVALID_DATE"
+        date_only = kind is AttributeKind.DATE_AS_TIMESTAMP
         return _moment_reader(column.date_format, date_only=date_only), 1, False, "INVALID_DATE"
     assert column.subscription is not None
     email = column.subscription is SubscriptionType.EMAIL

@@ -40,7 +40,13 @@ import asyncpg
 from services.identity import apps_store, imports_store, segments_store, users_store
 from services.identity.fields import CustomerField
 from services.identity.import_csv import CsvStream, Record, UnreadableFile
-from services.identity.import_options import ImportSpec, check_options, new_import_id
+from services.identity.import_options import (
+    ImportSpec,
+    check_options,
+    date_attributes,
+    new_import_id,
+    with_defined_fields,
+)
 from services.identity.import_rows import Rejection, RowChecker, StagedRow, StagingLayout
 from services.identity.imports_store import (
     ColumnVerdict,
@@ -331,6 +337,11 @@ async def _receive(
     spec: ImportSpec,
     chunks: AsyncIterator[bytes],
 ) -> _Received:
+    dated = date_attributes(spec)
+    if dated:
+        # DATE columns into fields defined as timestamps keep filling them at midnight UTC.
+        defined = await users_store.customer_fields(conn, app_id, dated)
+        spec = with_defined_fields(spec, {name: f.type for name, f in defined.items()})
     layout = StagingLayout.of(spec)
     assert spec.id_kind is not None  # checked
     sealed = await _pii_columns(conn, app_id, layout)

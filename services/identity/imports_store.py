@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
-from services.identity import pii
+from services.identity import pii, suppressions
 from services.identity.fields import ATTRIBUTE_NAME_PATTERN, CustomerField, FieldType
 from services.identity.import_options import IdKind, Mode
 from services.identity.import_rows import Rejection, StagedRow, StagingColumn, StagingLayout
@@ -392,6 +392,9 @@ class Staging:
         sealed: Staging names of the attribute columns of PII fields: their cells are sealed
             before the COPY (as JSON text), for the user each row names, which is recorded in
             an extra ``sealed_for`` column (see :func:`copy_staging`).
+        hash_keys: How many keyed hashes each subscription token is staged with (one per
+            listed secret key, :mod:`~services.identity.suppressions`), in extra columns
+            ``<column>_h<k>``: the merge finds suppressed tokens with them.
     """
 
     layout: StagingLayout
@@ -401,6 +404,7 @@ class Staging:
     app_id: str = ""
     alias_label: str = ""
     sealed: frozenset[str] = frozenset()
+    hash_keys: int = 0
 
     @classmethod
     def new(
@@ -414,16 +418,28 @@ class Staging:
         sealed: frozenset[str] = frozenset(),
     ) -> Staging:
         """A staging for ``layout`` with a fresh event-id prefix."""
-        return cls(layout, id_kind, id_prefix, str(uuid.uuid4())[:28], app_id, alias_label, sealed)
+        hash_keys = suppressions.key_count() if layout.subscriptions else 0
+        event_prefix = str(uuid.uuid4())[:28]
+        return cls(layout, id_kind, id_prefix, event_prefix, app_id, alias_label, sealed, hash_keys)
 
     def created_id(self, line: int) -> uuid.UUID:
         """The id a row creating a user gives it (as the merge computes it)."""
         return uuid.UUID(f"{self.id_prefix}{line:08x}")
 
+    def hash_columns(self, column: StagingColumn) -> list[str]:
+        """The columns holding the keyed hashes of a subscription column's tokens."""
+        return [f"{column.name}_h{k}" for k in range(self.hash_keys)]
+
+    @property
+    def all_hash_columns(self) -> list[str]:
+        """Every subscription column's hash columns, in the layout's order."""
+        return [name for c in self.layout.subscriptions for name in self.hash_columns(c)]
+
     @property
     def column_names(self) -> list[str]:
         """The columns copied into ``import_batch``."""
-        return [*self.layout.names, "sealed_for"] if self.sealed else self.layout.names
+        sealed_for = ["sealed_for"] if self.sealed else []
+        return [*self.layout.names, *sealed_for, *self.all_hash_columns]
 
 
 def _line_id(prefix: str, line: str) -> str:
@@ -439,6 +455,7 @@ async def create_staging(conn: DBConnection, staging: Staging) -> None:
     )
     if staging.sealed:
         columns += ", sealed_for uuid"
+    columns += "".join(f", {name} bytea" for name in staging.all_hash_columns)
     await conn.execute(
         f"""
         DROP TABLE IF EXISTS {STAGING}, import_batch;
@@ -519,6 +536,8 @@ async def copy_staging(conn: DBConnection, staging: Staging, rows: Sequence[Stag
     if rows:
         if staging.sealed:
             rows = await _sealed_rows(conn, staging, rows)
+        if staging.hash_keys:
+            rows = _hashed_rows(staging, rows)
         await conn.copy_records_to_table("import_batch", records=rows, columns=staging.column_names)
         sql, params = _prepare_sql(staging)
         await conn.execute(sql, *params)
@@ -578,6 +597,26 @@ async def _sealed_rows(
         cells.append(user_id)
         sealed_rows.append(tuple(cells))
     return sealed_rows
+
+
+def _hashed_rows(staging: Staging, rows: Sequence[StagedRow]) -> list[StagedRow]:
+    """``rows`` with the keyed hashes of their subscription tokens appended (in Python, while
+    the file streams: the key never reaches the database)."""
+    names = staging.layout.names
+    hashers = [
+        (names.index(c.name), suppressions.Hasher(staging.app_id, c.subscription.value))
+        for c in staging.layout.subscriptions
+        if c.subscription is not None
+    ]
+    empty = [None] * staging.hash_keys
+    hashed: list[StagedRow] = []
+    for row in rows:
+        extra: list[object] = []
+        for index, hasher in hashers:
+            token = row[index]
+            extra += empty if token is None else hasher.all(str(token))
+        hashed.append((*row, *extra))
+    return hashed
 
 
 async def drop_staging(conn: DBConnection) -> None:
@@ -894,6 +933,7 @@ def _plan_sql(plan: MergePlan) -> tuple[str, list[object], list[Refusal]]:
         "created_fact",
         *(c.name for c in layout.subscriptions),
         *(["sealed_for"] if plan.staging.sealed else []),
+        *plan.staging.all_hash_columns,
     ]
     sql = f"""
         CREATE TEMP TABLE import_plan ON COMMIT DROP AS
@@ -1177,11 +1217,15 @@ async def _publish_user_facts(conn: DBConnection, plan: MergePlan) -> None:
     )
 
 
-def _token_values(layout: StagingLayout, params: _Params) -> str:
+def _token_values(staging: Staging, params: _Params) -> str:
+    """``VALUES`` rows ``(type, token, hashes)`` of a plan row ``p``'s subscription columns."""
     rows = []
-    for column in layout.subscriptions:
+    for column in staging.layout.subscriptions:
         assert column.subscription is not None
-        rows.append(f"({params.add(column.subscription.value)}, p.{column.name})")
+        hashes = ", ".join(f"p.{name}" for name in staging.hash_columns(column))
+        rows.append(
+            f"({params.add(column.subscription.value)}, p.{column.name}, ARRAY[{hashes}]::bytea[])"
+        )
     return ", ".join(rows)
 
 
@@ -1189,7 +1233,7 @@ async def _refuse_over_subscription_limit(conn: DBConnection, plan: MergePlan) -
     """Refuse rows that would give an existing user more than the cap of non-push
     subscriptions (only push subscriptions are evicted to make room)."""
     params = _Params(plan.app_id)
-    tokens = _token_values(plan.layout, params)
+    tokens = _token_values(plan.staging, params)
     limit = MAX_SUBSCRIPTIONS_PER_USER
     await conn.execute(
         f"""
@@ -1198,7 +1242,7 @@ async def _refuse_over_subscription_limit(conn: DBConnection, plan: MergePlan) -
         WHERE p.ok AND p.refusal IS NULL AND p.existing_id IS NOT NULL
           AND (SELECT count(*) FROM subscriptions s
                WHERE s.app_id = $1 AND s.user_id = p.existing_id AND s.type NOT IN {_PUSH})
-            + (SELECT count(*) FROM (VALUES {tokens}) AS t(type, token)
+            + (SELECT count(*) FROM (VALUES {tokens}) AS t(type, token, hashes)
                WHERE t.token IS NOT NULL AND t.type NOT IN {_PUSH}
                  AND NOT EXISTS (SELECT 1 FROM subscriptions s
                                  WHERE s.app_id = $1 AND s.type = t.type AND s.token = t.token
@@ -1213,20 +1257,33 @@ async def _merge_subscriptions(conn: DBConnection, plan: MergePlan) -> None:
     subscriptions past the cap, and publish what changed.
 
     The first row (in file order) naming a token gets it. An existing subscription keeps its
-    consent: one whose owner unsubscribed stays unsubscribed.
+    consent: one whose owner unsubscribed stays unsubscribed. A created one whose token is
+    suppressed (its owner opted out, then the subscription was deleted) is created
+    unsubscribed, and consumes the suppression.
     """
     params = _Params(plan.app_id)
-    tokens = _token_values(plan.layout, params)
+    tokens = _token_values(plan.staging, params)
     await conn.execute(
         f"""
         CREATE TEMP TABLE import_subs ON COMMIT DROP AS
         SELECT DISTINCT ON (t.type, t.token)
             p.line, p.user_id, p.existing_id IS NOT NULL AS user_existed, t.type, t.token,
             s.subscription_id AS existing_sub, s.user_id AS holder,
-            s.user_id IS DISTINCT FROM p.user_id AS moved_in
+            s.user_id IS DISTINCT FROM p.user_id AS moved_in, t.hashes,
+            s.subscription_id IS NULL AND EXISTS (
+                SELECT 1 FROM suppressions x
+                WHERE x.app_id = $1 AND x.type = t.type AND x.token_hash = ANY(t.hashes)
+            ) AS suppressed
         FROM import_plan p
-        CROSS JOIN LATERAL (VALUES {tokens}) AS t(type, token)
-        LEFT JOIN subscriptions s ON s.app_id = $1 AND s.type = t.type AND s.token = t.token
+        CROSS JOIN LATERAL (VALUES {tokens}) AS t(type, token, hashes)
+        -- One unique-index probe per token, whatever the statistics say: a plain join was
+        -- planned as a nested loop over every subscription of the app when the stats were
+        -- stale (right after an earlier import), minutes for 100k rows.
+        LEFT JOIN LATERAL (
+            SELECT s.subscription_id, s.user_id FROM subscriptions s
+            WHERE s.app_id = $1 AND s.type = t.type AND s.token = t.token
+            OFFSET 0
+        ) AS s ON true
         WHERE p.ok AND p.refusal IS NULL AND t.token IS NOT NULL
         ORDER BY t.type, t.token, p.line
         """,
@@ -1299,8 +1356,11 @@ async def _merge_subscriptions(conn: DBConnection, plan: MergePlan) -> None:
             f"""
             WITH inserted AS (
                 INSERT INTO subscriptions (app_id, subscription_id, user_id, type, token,
-                    opt_in_change_time, last_active_time, token_time, create_time, update_time)
-                SELECT $1, gen_random_uuid(), i.user_id, i.type, i.token, $2, $2, $2, $2, $2
+                    opt_in, opt_in_reason, opt_in_change_time, last_active_time, token_time,
+                    create_time, update_time)
+                SELECT $1, gen_random_uuid(), i.user_id, i.type, i.token,
+                    CASE WHEN i.suppressed THEN 'unsubscribed' ELSE 'subscribed' END,
+                    CASE WHEN i.suppressed THEN $6 ELSE '' END, $2, $2, $2, $2, $2
                 FROM import_subs i WHERE i.existing_sub IS NULL
                 ORDER BY i.line
                 RETURNING *
@@ -1316,10 +1376,20 @@ async def _merge_subscriptions(conn: DBConnection, plan: MergePlan) -> None:
             IDENTITY_CHANGES.name,
             IDENTITY_CHANGES.event_type,
             created,
+            suppressions.REASON,
         )
-    # Users that held subscriptions before may now be past the cap: their least recently
-    # active push subscriptions go (users the import created hold only what it gave them).
+    # The created rows carry the opt-out now.
     await conn.execute(
+        """
+        DELETE FROM suppressions x USING import_subs i
+        WHERE i.suppressed AND x.app_id = $1 AND x.type = i.type AND x.token_hash = ANY(i.hashes)
+        """,
+        plan.app_id,
+    )
+    # Users that held subscriptions before may now be past the cap: their least recently
+    # active push subscriptions go (users the import created hold only what it gave them);
+    # the opted-out ones among them are suppressed, as any deleted subscription is.
+    evicted = await conn.fetch(
         f"""
         WITH touched AS (
             SELECT DISTINCT user_id FROM import_subs WHERE moved_in AND user_existed
@@ -1338,18 +1408,21 @@ async def _merge_subscriptions(conn: DBConnection, plan: MergePlan) -> None:
             WHERE s.app_id = $1 AND s.subscription_id = r.subscription_id
               AND r.k <= r.held - {MAX_SUBSCRIPTIONS_PER_USER}
             RETURNING s.*
+        ), published AS (
+            {_OUTBOX_INSERT}
+            SELECT $2, s.user_id::text, $3,
+                $4::bytea || {_EVENT_ID} || {_uuid_field(3, "s.user_id")}
+                || {sub_fields}
+            FROM evicted s
         )
-        {_OUTBOX_INSERT}
-        SELECT $2, s.user_id::text, $3,
-            $4::bytea || {_EVENT_ID} || {_uuid_field(3, "s.user_id")}
-            || {sub_fields}
-        FROM evicted s
+        SELECT type, token FROM evicted WHERE opt_in = 'unsubscribed'
         """,
         plan.app_id,
         IDENTITY_CHANGES.name,
         IDENTITY_CHANGES.event_type,
         removed,
     )
+    await suppressions.record(conn, plan.app_id, [(r["type"], r["token"]) for r in evicted])
 
 
 async def create_members_table(conn: DBConnection, table: str, *, empty: bool = False) -> None:

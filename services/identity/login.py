@@ -31,6 +31,15 @@ A successful Login counts as the device's activity (``last_active_time``).
 Client keys may call both, for the subscription they registered, only if the app's
 ``allow_client_login`` setting is on; that check comes before any other.
 
+A client key is public (it ships in every copy of the app), so by itself it proves nothing about
+who holds the device: with client login allowed and nothing else, anyone could log their device
+in as any customer and be merged into them (PEERS item 11: merges only from trusted callers).
+An app that sets a **login secret** closes that: its backend, which knows who signed in, gives
+the SDK ``external_id_proof`` = hex HMAC-SHA256(secret, external_id), and a client key's Login
+without the right proof is refused (PERMISSION_DENIED ``EXTERNAL_ID_PROOF_INVALID``, naming
+``external_id_proof``) before anything is read or changed. Server keys are trusted and never
+need one. Apps without a secret keep the old, unproven behaviour (docs/identity.md warns).
+
 Concurrency: the users involved are locked in user id order, then the subscription, and what
 was read before locking is checked again (a concurrent Login may have merged or identified the
 holder meanwhile, in which case the work starts over), so concurrent logins of one device
@@ -39,6 +48,8 @@ neither deadlock nor merge twice.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,7 +57,7 @@ from datetime import datetime
 import asyncpg
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
-from services.identity import apps_store, changes, events_store, users_store
+from services.identity import apps, apps_store, changes, events_store, users_store
 from services.identity import subscriptions_store as store
 from services.identity.access import AppCaller
 from services.identity.subscriptions import (
@@ -71,7 +82,7 @@ from services.runtime.errors import (
     PermissionDenied,
 )
 
-__all__ = ["LoginResult", "login", "logout", "plan_merge"]
+__all__ = ["LoginResult", "login", "login_proof", "logout", "plan_merge"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +144,11 @@ def plan_merge(
     return MergePlan(evict=evict, move=[device, *others[:room]], drop=others[room:])
 
 
-async def _require_login_allowed(pool: asyncpg.Pool, caller: AppCaller) -> None:
+async def _require_login_allowed(conn: DBConnection, caller: AppCaller) -> None:
     """Refuse a client key unless its app allows client-side login."""
     if not caller.is_client:
         return
-    async with pool.acquire() as conn:
-        settings = await apps_store.get_app_settings(conn, caller.app_id)
+    settings = await apps_store.get_app_settings(conn, caller.app_id)
     if not settings.allow_client_login:
         raise PermissionDenied(
             "this app does not let client keys log users in or out; call it from your server, "
@@ -147,12 +157,53 @@ async def _require_login_allowed(pool: asyncpg.Pool, caller: AppCaller) -> None:
         )
 
 
+async def _proof_key(pool: asyncpg.Pool, caller: AppCaller) -> bytes | None:
+    """Refuse a client key unless its app allows client-side login; then the key its Login
+    proofs are made with (None: the caller needs no proof)."""
+    if not caller.is_client:
+        return None
+    async with pool.acquire() as conn:
+        await _require_login_allowed(conn, caller)
+        return await apps.login_secret(conn, caller.app_id)
+
+
+def login_proof(secret: bytes, external_id: str) -> str:
+    """The ``external_id_proof`` an app's backend computes: hex HMAC-SHA256 of the external id
+    (UTF-8) under the app's login secret."""
+    return hmac.new(secret, external_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_proof(secret: bytes, external_id: str, proof: str) -> None:
+    """Refuse a Login whose proof is missing or not the one ``secret`` makes for ``external_id``.
+
+    Raises:
+        PermissionDenied: ``EXTERNAL_ID_PROOF_INVALID``, naming ``external_id_proof``.
+    """
+    expected = login_proof(secret, external_id).encode()
+    # Constant time; on bytes, since compare_digest refuses str with non-ASCII characters.
+    if proof and hmac.compare_digest(expected, proof.lower().encode()):
+        return
+    problem = (
+        "required: the app has a login secret"
+        if not proof
+        else "does not match external_id under the app's login secret"
+    )
+    raise PermissionDenied(
+        "this app requires client logins to carry external_id_proof, the hex HMAC-SHA256 of "
+        "external_id under the app's login secret, computed by the app's backend",
+        reason="EXTERNAL_ID_PROOF_INVALID",
+        field_violations=[FieldViolation("external_id_proof", problem)],
+    )
+
+
 async def login(
     pool: asyncpg.Pool,
     caller: AppCaller,
     subscription_id: str,
     external_id: str,
     at: datetime,
+    *,
+    external_id_proof: str = "",
 ) -> LoginResult:
     """Identify the holder of a subscription as ``external_id`` (see the module doc).
 
@@ -162,23 +213,30 @@ async def login(
         subscription_id: The device's subscription, as sent.
         external_id: The customer's id in the caller's CRM.
         at: Now.
+        external_id_proof: The app backend's proof for ``external_id`` (see
+            :func:`login_proof`); checked for client keys of apps with a login secret.
 
     Returns:
         Who holds the subscription now, and whom it merged.
 
     Raises:
-        PermissionDenied: ``CLIENT_LOGIN_DISABLED``: a client key, and the app does not allow it.
+        PermissionDenied: ``CLIENT_LOGIN_DISABLED``: a client key, and the app does not allow
+            it; ``EXTERNAL_ID_PROOF_INVALID``: a client key, the app has a login secret, and
+            the proof is missing or wrong.
+        FailedPrecondition: ``LOGIN_SECRET_UNREADABLE``: the app's secret cannot be opened.
         InvalidArgument: A missing or malformed subscription id or external id.
         NotFound: No such subscription in the caller's app.
         FailedPrecondition: ``USER_ALREADY_IDENTIFIED``: the holder has another external id.
         ResourceExhausted: The known user's subscriptions are all addresses and at the cap.
     """
-    await _require_login_allowed(pool, caller)
+    proof_key = await _proof_key(pool, caller)
     violations = FieldViolations()
     parsed = check_subscription_id(subscription_id, "subscription_id", violations)
     check_external_id(external_id, "external_id", violations)
     violations.raise_if_any()
     assert parsed is not None
+    if proof_key is not None:
+        _check_proof(proof_key, external_id, external_id_proof)
     return await retrying_transaction(
         pool, lambda conn: _login(conn, caller, parsed, external_id, at)
     )
@@ -313,5 +371,7 @@ async def logout(
         InvalidArgument: A missing or malformed subscription id.
         NotFound: No such subscription in the caller's app.
     """
-    await _require_login_allowed(pool, caller)
+    if caller.is_client:
+        async with pool.acquire() as conn:
+            await _require_login_allowed(conn, caller)
     return await unassign_subscription(pool, caller, parse_subscription_id(subscription_id), at)

@@ -24,12 +24,13 @@ from typing import Any
 
 import asyncpg
 
-from services.identity import pii, pii_store, segments, segments_store
+from services.identity import apps_store, pii, pii_store, segments, segments_store
 from services.identity.fields import MAX_DESCRIPTION_LENGTH, CustomerField, attribute_name_problem
 from services.identity.segment_conditions import AttributeCondition, leaves
 from services.identity.segment_sql import CUSTOM_PREFIX
 from services.identity.segment_validation import PII_OPERATORS
 from services.identity.validation import check_mask_paths, text_problem
+from services.runtime import key_rotation
 from services.runtime.app import ServiceContext
 from services.runtime.db import DBConnection
 from services.runtime.errors import FailedPrecondition, FieldViolation, FieldViolations, NotFound
@@ -265,10 +266,17 @@ async def run_pii_keeper(ctx: ServiceContext) -> None:
             async with ctx.pool.acquire() as conn:
                 converted = await settle_unsettled(conn)
                 resealed = await reseal_all(conn)
+            # Apps' login secrets are sealed with the same key.
+            if pii.box().rotating:
+                resealed += await key_rotation.reseal_all(
+                    ctx.pool, pii.box(), [apps_store.LOGIN_SECRET_COLUMN]
+                )
             if converted:
                 ctx.log.info("finished PII flips: %d values converted", converted)
             if resealed:
-                ctx.log.info("re-sealed the PII values of %d users with the newest key", resealed)
+                ctx.log.info(
+                    "re-sealed %d users' PII values and login secrets with the newest key", resealed
+                )
         except (OSError, asyncpg.PostgresError) as exc:
             ctx.log.warning("PII keeper pass failed (%s); trying again later", exc)
             await asyncio.sleep(10.0)

@@ -76,12 +76,21 @@ STANDARD_FIELDS: dict[str, str] = {
 }
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
-_SQL_TYPE = {"string": "text", "number": "float8", "bool": "boolean", "timestamp": "timestamptz"}
+_SQL_TYPE = {
+    "string": "text",
+    "number": "float8",
+    "bool": "boolean",
+    "timestamp": "timestamptz",
+    "birthdate": "date",
+    "date": "date",
+}
 #: The zone of a user's local calendar: their own, else the app's default, else UTC.
 _ZONE = (
     "coalesce(u.timezone, (SELECT coalesce(nullif(a.settings->>'default_timezone', ''), 'UTC') "
     "FROM apps a WHERE a.app_id = $1), 'UTC')"
 )
+#: The user's local date now: what relative conditions on calendar dates count from.
+_TODAY = f"(($2::timestamptz AT TIME ZONE {_ZONE})::date)"
 
 
 class Scope(Enum):
@@ -237,6 +246,9 @@ class _Compiler:
                 return f"({raw}::boolean)"
             if condition.type == "timestamp":
                 return f"segment_timestamp(u.attributes->>'{key}')"
+            if condition.type == "date":
+                # A calendar date: never moved to a zone (a birthday is the same day anywhere).
+                return f"segment_date(u.attributes->>'{key}')"
             return raw
         if name not in STANDARD_FIELDS:
             raise ValueError(f"not a standard field: {name!r}")
@@ -271,7 +283,13 @@ class _Compiler:
         if op is Operator.ANNIVERSARY_IN_DAYS:
             return self._anniversary(c)
         expr = self._expression(c)
-        sql_type = "date" if c.type == "birthdate" else _SQL_TYPE[c.type]
+        sql_type = _SQL_TYPE[c.type]
+        if sql_type == "date" and op in (Operator.WITHIN_LAST_DAYS, Operator.WITHIN_NEXT_DAYS):
+            # Whole days, counted from the user's local today (both ends included).
+            days = self.p.add(c.days, "int")
+            if op is Operator.WITHIN_LAST_DAYS:
+                return f"({expr} BETWEEN {_TODAY} - {days} AND {_TODAY})"
+            return f"({expr} BETWEEN {_TODAY} AND {_TODAY} + {days})"
         if op is Operator.WITHIN_LAST_DAYS or op is Operator.WITHIN_NEXT_DAYS:
             span = self.p.add(timedelta(days=c.days), "interval")
             if op is Operator.WITHIN_LAST_DAYS:
@@ -281,7 +299,7 @@ class _Compiler:
 
     def _anniversary(self, c: AttributeCondition) -> str:
         days = self.p.add(c.days, "int")
-        target = f"(($2::timestamptz AT TIME ZONE {_ZONE})::date + {days})"
+        target = f"({_TODAY} + {days})"
         if c.type == "birthdate":
             month, day, year = "u.birth_month", "u.birth_day", "u.birth_year"
             # Narrow to the three (month, day) pairs any zone can be on, so users_birthday
@@ -295,7 +313,10 @@ class _Compiler:
             narrow = "(" + " OR ".join(pairs) + ")"
             not_before = f"({year} IS NULL OR {year} < extract(year FROM {target}))"
         else:
-            local = f"({self._expression(c)} AT TIME ZONE {_ZONE})::date"
+            # A date is the user's own calendar day already; a point in time becomes one in
+            # the user's zone.
+            expr = self._expression(c)
+            local = expr if c.type == "date" else f"({expr} AT TIME ZONE {_ZONE})::date"
             month = f"extract(month FROM {local})"
             day = f"extract(day FROM {local})"
             narrow = "true"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 
-from services.identity.fields import ATTRIBUTE_NAME_PATTERN, FieldType
+from services.identity.fields import ATTRIBUTE_NAME_PATTERN, FieldType, parse_date
 from services.identity.segment_conditions import (
     AllOf,
     AnyOf,
@@ -106,7 +106,19 @@ OPERATORS_BY_TYPE: dict[str, frozenset[Operator]] = {
     | _COMPARISONS
     | _DATES
     | {Operator.ANNIVERSARY_IN_DAYS},
+    # A calendar date (a customer field of type date): compared by day, relative operators
+    # against the user's local today.
+    "date": frozenset({Operator.EQUALS, Operator.NOT_EQUALS})
+    | _PRESENCE
+    | _COMPARISONS
+    | _DATES
+    | _RELATIVE
+    | {Operator.ANNIVERSARY_IN_DAYS},
 }
+
+#: Field types whose operands are calendar dates: a 'YYYY-MM-DD' string_value or a
+#: timestamp_value (its UTC date).
+_CALENDAR = frozenset({"birthdate", "date"})
 
 #: Operators of property conditions by the operands' type (properties are untyped JSON).
 _PROPERTY_OPERATORS: dict[str, frozenset[Operator]] = {
@@ -122,6 +134,7 @@ _VALUE_FIELD = {
     "bool": "bool_value",
     "timestamp": "timestamp_value",
     "birthdate": "timestamp_value (or a string_value 'YYYY-MM-DD')",
+    "date": "string_value 'YYYY-MM-DD' (or a timestamp_value)",
 }
 
 
@@ -373,13 +386,13 @@ class _Checker:
         if isinstance(value, BadValue):
             return value.problem
         kind = _kind_of(value)
-        if wanted == "birthdate" and kind == "string":
+        if wanted in _CALENDAR and kind == "string":
             try:
-                date.fromisoformat(str(value))
+                _calendar_date(str(value), wanted)
             except ValueError:
-                return "a birthdate operand is a timestamp_value or a 'YYYY-MM-DD' string_value"
+                return f"a {wanted} operand is a timestamp_value or a 'YYYY-MM-DD' string_value"
             return None
-        if kind != ("timestamp" if wanted == "birthdate" else wanted):
+        if kind != ("timestamp" if wanted in _CALENDAR else wanted):
             what = "the operands are" if property_operand else "the field is"
             return f"must be a {_VALUE_FIELD[wanted]} ({what} {wanted})"
         if isinstance(value, float) and not math.isfinite(value):
@@ -536,9 +549,15 @@ class _Checker:
 
 
 def _comparable(value: Value, wanted: str) -> object:
-    """A value the bounds of a BETWEEN compare by (birthdates by calendar date)."""
-    if wanted == "birthdate":
+    """A value the bounds of a BETWEEN compare by (birthdates and dates by calendar date)."""
+    if wanted in _CALENDAR:
         if isinstance(value, datetime):
             return value.date()
-        return date.fromisoformat(str(value))
+        return _calendar_date(str(value), wanted)
     return value
+
+
+def _calendar_date(text: str, wanted: str) -> date:
+    """A calendar operand's date. Date fields take the one spelling they are stored in, so the
+    journey's branches, which compare the stored strings, agree; birthdates any ISO date."""
+    return parse_date(text) if wanted == "date" else date.fromisoformat(text)

@@ -26,6 +26,10 @@ Rules (the proto comments of ``CreateSubscription`` and friends say the same to 
   cap deletes the user's least recently active *push* subscription (push tokens churn with
   devices; addresses do not), with a ``SUBSCRIPTION_REMOVED`` change. A user whose subscriptions
   are all addresses is full: RESOURCE_EXHAUSTED.
+* **Suppression list.** Deleting an unsubscribed subscription (or changing its token) keeps a
+  keyed hash of its (type, token) (:mod:`services.identity.suppressions`): an import creating it
+  again creates it unsubscribed. A registration here is consent: it is created as asked and
+  the entry is dropped.
 * **Changes.** Every change writes its facts to ``identity.changes`` in its own transaction:
   ``SUBSCRIPTION_CREATED``; ``SUBSCRIPTION_CHANGED`` (listing the fields that changed; a move
   is ``SUBSCRIPTION_REMOVED`` for the old holder and ``SUBSCRIPTION_CHANGED`` for the new);
@@ -55,7 +59,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from tidings.events.v1.identity_change_pb2 import IdentityChange
 
-from services.identity import changes, refs, users_store
+from services.identity import changes, refs, suppressions, users_store
 from services.identity import subscriptions_store as store
 from services.identity.access import AppCaller
 from services.identity.subscriptions_store import (
@@ -869,6 +873,12 @@ async def create_subscription(
             facts.append(subscription_fact(changes.Kind.KIND_SUBSCRIPTION_CREATED, created, at))
             await changes.publish(conn, facts)
             return await remember(created, conn)
+        if request_key is not None:
+            # A twin may have committed between the first look and finding its row (they
+            # commit together): answer as it did rather than as to a second registration.
+            replayed = await _replayed(conn, app_id, request_key, fingerprint, at)
+            if replayed is not None:
+                return replayed
         if caller.is_client and not existing.type.is_push:
             raise AlreadyExists(
                 f"this {type_.value} address is already registered",
@@ -946,10 +956,19 @@ async def update_subscription(
                     FieldViolation("subscription.token", "held by another subscription")
                 ],
             )
+        if saved.token != current.token:
+            await _token_replaced(conn, current, saved)
         await changes.publish(conn, move_facts(current, saved, at))
         return saved
 
     return await retrying_transaction(pool, work)
+
+
+async def _token_replaced(conn: DBConnection, before: Subscription, after: Subscription) -> None:
+    """A changed token leaves the old one without a row, as a deletion would: an opted-out old
+    token is suppressed; the new one's suppression is consumed (the row carries its consent)."""
+    await suppressions.record(conn, before.app_id, store.opted_out([before]))
+    await suppressions.forget(conn, after.app_id, after.type.value, after.token)
 
 
 async def delete_subscription(

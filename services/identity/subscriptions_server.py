@@ -225,7 +225,12 @@ class SubscriptionsRpcs:
     async def Login(self, request: pb.LoginRequest, context: _Context) -> pb.LoginResponse:
         caller = access.client_or_server_app()
         result = await login.login(
-            self._ctx.pool, caller, request.subscription_id, request.external_id, self._ctx.clock()
+            self._ctx.pool,
+            caller,
+            request.subscription_id,
+            request.external_id,
+            self._ctx.clock(),
+            external_id_proof=request.external_id_proof,
         )
         if caller.is_client:
             # Client keys never read profiles: the SDK learns who it is, nothing more.

@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from services.identity import pii
+from services.identity import pii, suppressions
 from services.runtime.db import DBConnection
 from services.runtime.secrets_box import SecretBoxError
 
@@ -49,6 +49,7 @@ __all__ = [
     "merge_profile",
     "move",
     "move_aliases",
+    "opted_out",
     "prefixed_columns",
     "record_activity",
     "record_merge",
@@ -308,21 +309,30 @@ async def find_by_token(
 async def insert(conn: DBConnection, subscription: Subscription) -> Subscription | None:
     """Store a new subscription; None (nothing stored) if its (type, token) is already taken.
 
-    The holder must exist (its row locked by the caller, who checked the cap).
+    The holder must exist (its row locked by the caller, who checked the cap). A suppression of
+    the (type, token) is consumed: the new row carries the consent from now on.
     """
     # ON CONFLICT DO NOTHING rather than an exception: the caller's transaction stays usable,
-    # and it re-reads the winner of the race.
+    # and it re-reads the winner of the race. The suppression goes in the same statement.
     row = await conn.fetchrow(
         f"""
-        INSERT INTO subscriptions (
-            app_id, subscription_id, user_id, type, token, web_push_p256dh, web_push_auth,
-            enabled, disabled_reason, opt_in, opt_in_change_time, opt_in_reason, device,
-            last_active_time, token_time, create_time, update_time)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-        ON CONFLICT (app_id, type, token) DO NOTHING
-        RETURNING {_COLUMNS}
+        WITH created AS (
+            INSERT INTO subscriptions (
+                app_id, subscription_id, user_id, type, token, web_push_p256dh, web_push_auth,
+                enabled, disabled_reason, opt_in, opt_in_change_time, opt_in_reason, device,
+                last_active_time, token_time, create_time, update_time)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+            ON CONFLICT (app_id, type, token) DO NOTHING
+            RETURNING {_COLUMNS}
+        ), consumed AS (
+            DELETE FROM suppressions
+            WHERE app_id = $1 AND type = $4 AND token_hash = ANY($18::bytea[])
+              AND EXISTS (SELECT 1 FROM created)
+        )
+        SELECT {_COLUMNS} FROM created
         """,
         *_values(subscription),
+        suppressions.Hasher(subscription.app_id, subscription.type.value).all(subscription.token),
     )
     return None if row is None else _subscription(row)
 
@@ -422,7 +432,11 @@ async def move(
 async def delete(
     conn: DBConnection, app_id: str, subscription_ids: Sequence[uuid.UUID]
 ) -> list[Subscription]:
-    """Delete subscriptions (one statement); returns those that existed, as they were."""
+    """Delete subscriptions; returns those that existed, as they were.
+
+    The opted-out ones are remembered (:mod:`~services.identity.suppressions`), so an import
+    never creates them subscribed again.
+    """
     if not subscription_ids:
         return []
     rows = await conn.fetch(
@@ -433,7 +447,14 @@ async def delete(
         app_id,
         list(subscription_ids),
     )
-    return [_subscription(row) for row in rows]
+    removed = [_subscription(row) for row in rows]
+    await suppressions.record(conn, app_id, opted_out(removed))
+    return removed
+
+
+def opted_out(subscriptions: Sequence[Subscription]) -> list[tuple[str, str]]:
+    """``(type, token)`` of the unsubscribed ones (what :func:`suppressions.record` takes)."""
+    return [(s.type.value, s.token) for s in subscriptions if s.opt_in is OptIn.UNSUBSCRIBED]
 
 
 @dataclass(frozen=True, slots=True)

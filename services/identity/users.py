@@ -60,6 +60,7 @@ from services.identity.fields import (
     FieldCatalog,
     FieldType,
     attribute_name_problem,
+    parse_date,
     validate_new_field,
 )
 from services.identity.refs import ByAlias, ByExternalId, BySubscription, ByUserId, RefKey
@@ -522,10 +523,24 @@ def _check_type(
                 reason="UNDEFINED_FIELD",
             )
     elif defined is not wanted:
+        hint = " (a string_value 'YYYY-MM-DD')" if defined is FieldType.DATE else ""
         v.add(
             path,
-            f"{name!r} is a {defined.value} field; got a {wanted.value}",
+            f"{name!r} is a {defined.value} field{hint}; got a {wanted.value}",
             reason="FIELD_TYPE_MISMATCH",
+        )
+
+
+def _check_date(name: str, value: str, path_prefix: str, v: FieldViolations) -> None:
+    """Check the value of a date field: a ``string_value`` 'YYYY-MM-DD', stored as given (the
+    one spelling :func:`fields.parse_date` takes)."""
+    try:
+        parse_date(value)
+    except ValueError as error:
+        v.add(
+            f"{path_prefix}{name}",
+            f"{name!r} is a date field: {error}",
+            reason="INVALID_DATE",
         )
 
 
@@ -569,7 +584,10 @@ def apply_write(
             attributes.pop(name, None)
             continue
         wanted = _type_of(value)
-        if type_of(name) is not wanted:  # the common case (defined, same type) needs no call
+        defined = type_of(name)
+        if defined is FieldType.DATE and isinstance(value, str):
+            _check_date(name, value, attributes_path, v)
+        elif defined is not wanted:  # the common case (defined, same type) needs no call
             _check_type(name, wanted, attributes_path, catalog, proposed, v)
         attributes[name] = _stored(value)
     for name, amount in write.increments.items():

@@ -46,6 +46,7 @@ _FIELD_TYPE_TO_PROTO = {
     FieldType.NUMBER: customer_field_pb2.FIELD_TYPE_NUMBER,
     FieldType.BOOL: customer_field_pb2.FIELD_TYPE_BOOL,
     FieldType.TIMESTAMP: customer_field_pb2.FIELD_TYPE_TIMESTAMP,
+    FieldType.DATE: customer_field_pb2.FIELD_TYPE_DATE,
 }
 _FIELD_TYPE_FROM_PROTO = {value: key for key, value in _FIELD_TYPE_TO_PROTO.items()}
 

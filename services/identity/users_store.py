@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services.identity import pii, subscriptions_store
+from services.identity import pii, subscriptions_store, suppressions
 from services.identity.fields import CustomerField, FieldType
 from services.runtime.db import DBConnection
 
@@ -860,12 +860,28 @@ async def delete_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> in
     """Delete a user's subscriptions, merge records and row (its aliases go with the row).
 
     Events are erased separately (``events_store.delete_for_user``) in the same transaction.
+    The addresses and tokens the user had opted out of are kept as keyed hashes
+    (:mod:`~services.identity.suppressions`), so an import never subscribes them again.
 
     Returns:
         How many subscriptions were deleted.
     """
-    deleted = await conn.execute(
-        "DELETE FROM subscriptions WHERE app_id = $1 AND user_id = $2", app_id, user_id
+    deleted = await conn.fetch(
+        """
+        DELETE FROM subscriptions WHERE app_id = $1 AND user_id = $2
+        RETURNING type, token, opt_in
+        """,
+        app_id,
+        user_id,
+    )
+    await suppressions.record(
+        conn,
+        app_id,
+        [
+            (row["type"], row["token"])
+            for row in deleted
+            if row["opt_in"] == subscriptions_store.OptIn.UNSUBSCRIBED
+        ],
     )
     await conn.execute(
         """
@@ -876,7 +892,7 @@ async def delete_user(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> in
         user_id,
     )
     await conn.execute("DELETE FROM users WHERE app_id = $1 AND user_id = $2", app_id, user_id)
-    return int(deleted.rsplit(" ", 1)[-1])
+    return len(deleted)
 
 
 async def merges_into(conn: DBConnection, app_id: str, user_id: uuid.UUID) -> list[MergeRecord]:

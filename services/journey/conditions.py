@@ -6,7 +6,8 @@ carry is asked of identity per customer: events (ListEvents) and segment members
 (GetSegmentMembership). Operators follow the contract's comments: string comparisons of
 CONTAINS / STARTS_WITH / ENDS_WITH are case-insensitive, NOT_EQUALS and NOT_IN match customers
 without the field, date-relative operators count days in the customer's time zone (the app's
-default zone for customers without one).
+default zone for customers without one). A customer field of type date arrives as a
+``string_value`` 'YYYY-MM-DD': a calendar date, compared by day with no zone conversion.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tidings.identity.v1 import subscription_pb2, user_pb2
 
 from services.journey.schedule import zone_of
 
-__all__ = ["ProfileFacts", "matches_profile", "matches_properties", "value_of"]
+__all__ = ["ProfileFacts", "calendar_date", "matches_profile", "matches_properties", "value_of"]
 
 Op = spb.Operator
 
@@ -173,6 +174,26 @@ def _anniversary_in(actual: Any, days: int, now: datetime, zone: str) -> bool:
     return (target.month, target.day) == (month, day)
 
 
+_RELATIVE = (Op.OPERATOR_WITHIN_LAST_DAYS, Op.OPERATOR_WITHIN_NEXT_DAYS)
+
+
+def calendar_date(text: str) -> date | None:
+    """The date of a date field's value ('YYYY-MM-DD'), or None when ``text`` is not one."""
+    if len(text) != 10 or text[4] != "-" or text[7] != "-":
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _within_days(operator: int, day: date, today: date, days: int) -> bool:
+    """A calendar date within the last / next ``days`` of the customer's local today."""
+    if operator == Op.OPERATOR_WITHIN_LAST_DAYS:
+        return today - timedelta(days=days) <= day <= today
+    return today <= day <= today + timedelta(days=days)
+
+
 def _leap(year: int) -> bool:
     return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
 
@@ -217,10 +238,20 @@ async def matches_profile(
             zone = await facts.zone(user)
             if isinstance(actual, datetime):
                 actual = actual.astimezone(zone_of(zone)).date()
+            elif isinstance(actual, str):
+                actual = calendar_date(actual)
             return _anniversary_in(actual, attr.days, now, zone)
+        if isinstance(actual, str) and attr.operator in _RELATIVE:
+            day = calendar_date(actual)
+            today = now.astimezone(zone_of(await facts.zone(user))).date()
+            return day is not None and _within_days(attr.operator, day, today, attr.days)
         if isinstance(actual, date) and not isinstance(actual, datetime):
             actual = datetime(actual.year, actual.month, actual.day, tzinfo=UTC)
         operands = [value_of(v) for v in attr.values]
+        if isinstance(actual, str) and any(isinstance(o, datetime) for o in operands):
+            # A date field against a point in time: compared by the time's (UTC) date, as
+            # identity's segments do.
+            actual = calendar_date(actual) or actual
         return _compare(attr.operator, actual, operands, now, attr.days)
     if kind == "subscription":
         wanted = _SUBSCRIPTION_TYPES.get(condition.subscription.type, "")

@@ -35,7 +35,7 @@ import time as time_module
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -48,7 +48,7 @@ from tidings.journey.v1 import journey_pb2 as jpb
 
 from services.journey import instances_store, schedule
 from services.journey.catalog import Catalog
-from services.journey.conditions import ProfileFacts, matches_profile, value_of
+from services.journey.conditions import ProfileFacts, calendar_date, matches_profile, value_of
 from services.journey.definitions import node_kind, refusal_output
 from services.journey.entries import Candidate, enter
 from services.journey.instances_store import Instance, RouteRows, StepRow
@@ -749,6 +749,9 @@ class Engine:
                 if user is not None and name in user.attributes
                 else None
             )
+            if isinstance(value, str) and (day := calendar_date(value)) is not None:
+                # A date field: the day starts at the customer's local midnight.
+                value = datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
             if not isinstance(value, datetime):
                 return "next"
             until = value + _duration(delay.until_date_attribute.offset)

@@ -93,6 +93,14 @@ class SecretBox:
             return None
         return self.seal(self.open(sealed, context), context)
 
+    def derived_keys(self, purpose: bytes) -> list[bytes]:
+        """A key for ``purpose`` from each listed key, newest first: for hashes looked up by
+        value (several keys while rotating), without handing out the MAC keys themselves."""
+        return [
+            hmac.new(key.mac_key, b"derive\0" + purpose, hashlib.sha256).digest()
+            for key in self._keys
+        ]
+
     def sign(self, data: bytes) -> bytes:
         """A 16-byte MAC of ``data`` (tracking links), with the newest key."""
         return self._newest.sign(data)

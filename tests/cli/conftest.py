@@ -4,8 +4,16 @@ from tests.identity.conftest import (
     app,
     apps_stub,
     identity_channel,
+    identity_database,
     identity_process,
     identity_stub,
 )
 
-__all__ = ["app", "apps_stub", "identity_channel", "identity_process", "identity_stub"]
+__all__ = [
+    "app",
+    "apps_stub",
+    "identity_channel",
+    "identity_database",
+    "identity_process",
+    "identity_stub",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from tidings.identity.v1 import (
 from services.identity import apps
 from services.runtime.auth import Principal, Scope
 from services.runtime.db import create_pool
-from services.runtime.errors import NotFound
+from services.runtime.errors import FailedPrecondition, NotFound
 from tests.conftest import temporary_database, unique_name
 from tests.e2e.processes import TEST_ADMIN_KEY
 from tests.identity.conftest import ADMIN, bearer
@@ -44,8 +45,12 @@ if TYPE_CHECKING:
 
     from tests.identity.conftest import TestApp
 
-#: The migration creating the apps tables (read directly, so these tests need no other table).
-APPS_MIGRATION = Path(apps.__file__).resolve().parent / "migrations" / "0002_apps.sql"
+#: The migrations creating the apps tables and their login secret (read directly, so these
+#: tests need no other table).
+APPS_MIGRATIONS = [
+    Path(apps.__file__).resolve().parent / "migrations" / name
+    for name in ("0002_apps.sql", "0011_app_login_secret.sql")
+]
 
 
 class Failure:
@@ -404,6 +409,66 @@ async def test_concurrent_partial_updates_keep_each_other(apps_stub: AppsStub) -
     assert final.settings.default_timezone == "Europe/Madrid"
 
 
+# --- login secret -----------------------------------------------------------------------------
+
+
+def _with_secret(secret: str) -> apps_service_pb2.CreateAppRequest:
+    request = new_app_request(allow_client_login=True)
+    request.app.login_secret = secret
+    return request
+
+
+async def test_the_login_secret_is_never_returned(apps_stub: AppsStub) -> None:
+    secret = secrets.token_urlsafe(32)
+    created = await apps_stub.CreateApp(_with_secret(secret), metadata=ADMIN)
+    fetched = await apps_stub.GetApp(
+        apps_service_pb2.GetAppRequest(app_id=created.app_id), metadata=ADMIN
+    )
+    [listed] = [a for a in await _all_apps(apps_stub, 1000) if a.app_id == created.app_id]
+    for app in (created, fetched, listed):
+        assert app.has_login_secret
+        assert app.login_secret == ""
+        assert secret.encode() not in app.SerializeToString()
+
+
+@pytest.mark.parametrize("paths", [[], ["*"], ["settings"], ["display_name"]])
+async def test_only_a_mask_naming_the_login_secret_changes_it(
+    apps_stub: AppsStub, paths: list[str]
+) -> None:
+    created = await apps_stub.CreateApp(_with_secret(secrets.token_urlsafe(32)), metadata=ADMIN)
+    # A read-modify-write: what GetApp returns (no secret) goes back whole.
+    kept = await apps_stub.UpdateApp(
+        update(created.app_id, paths, display_name="Same", settings=created.settings),
+        metadata=ADMIN,
+    )
+    assert kept.has_login_secret
+    removed = await apps_stub.UpdateApp(update(created.app_id, ["login_secret"]), metadata=ADMIN)
+    assert not removed.has_login_secret
+    assert removed.display_name == kept.display_name
+    request = update(created.app_id, ["login_secret"])
+    request.app.login_secret = secrets.token_urlsafe(32)
+    assert (await apps_stub.UpdateApp(request, metadata=ADMIN)).has_login_secret
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["x" * 31, "x" * 257, "x" * 20 + " " + "x" * 20, "ñ" * 40, "x" * 40 + "\n"],
+    ids=["short", "long", "space", "non-ascii", "newline"],
+)
+async def test_a_bad_login_secret_is_refused(apps_stub: AppsStub, secret: str) -> None:
+    result = await failure(apps_stub.CreateApp(_with_secret(secret), metadata=ADMIN))
+    assert (result.code, result.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["app.login_secret"])
+    app = await apps_stub.CreateApp(new_app_request(), metadata=ADMIN)
+    request = update(app.app_id, ["login_secret"])
+    request.app.login_secret = secret
+    result = await failure(apps_stub.UpdateApp(request, metadata=ADMIN))
+    assert (result.code, result.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["app.login_secret"])
+    # Not named by the mask, it is not looked at.
+    request.update_mask.paths[:] = ["display_name"]
+    request.app.display_name = "Renamed"
+    assert not (await apps_stub.UpdateApp(request, metadata=ADMIN)).has_login_secret
+
+
 # --- API keys ---------------------------------------------------------------------------------
 
 
@@ -704,7 +769,8 @@ async def apps_pool() -> AsyncIterator[asyncpg.Pool]:
     async with temporary_database() as dsn:
         pool = await create_pool(dsn, min_size=1, max_size=2)
         try:
-            await pool.execute(APPS_MIGRATION.read_text())
+            for migration in APPS_MIGRATIONS:
+                await pool.execute(migration.read_text())
             yield pool
         finally:
             await pool.close()
@@ -761,6 +827,35 @@ async def test_get_app_settings(apps_pool: asyncpg.Pool) -> None:
         with pytest.raises(NotFound) as raised:
             await apps.get_app_settings(conn, "app_0000000000000000")
         assert raised.value.reason == "APP_NOT_FOUND"
+
+
+async def test_the_login_secret_is_stored_sealed_for_its_app(apps_pool: asyncpg.Pool) -> None:
+    secret = secrets.token_urlsafe(32)
+    sealed_app, plain = [
+        await apps.create_app(
+            apps_pool,
+            display_name=name,
+            settings=apps.AppSettingsRecord(),
+            request_id="",
+            login_secret=value,
+        )
+        for name, value in (("Sealed", secret), ("Plain", ""))
+    ]
+    row = await apps_pool.fetchrow("SELECT * FROM apps WHERE app_id = $1", sealed_app.app_id)
+    assert row is not None
+    assert secret.encode() not in row["login_secret"]
+    for column, value in row.items():
+        assert secret not in str(value), column
+    async with apps_pool.acquire() as conn:
+        assert await apps.login_secret(conn, sealed_app.app_id) == secret.encode()
+        assert await apps.login_secret(conn, plain.app_id) is None
+        # Copied to another app, the sealed bytes do not open (bound to their app).
+        await conn.execute(
+            "UPDATE apps SET login_secret = $2 WHERE app_id = $1", plain.app_id, row["login_secret"]
+        )
+        with pytest.raises(FailedPrecondition) as raised:
+            await apps.login_secret(conn, plain.app_id)
+        assert raised.value.reason == "LOGIN_SECRET_UNREADABLE"
 
 
 def test_secrets_are_recognised_by_shape() -> None:

@@ -1,7 +1,9 @@
-"""Customer fields: CreateCustomerField, ListCustomerFields, auto-definition by first write."""
+"""Customer fields: CreateCustomerField, ListCustomerFields, auto-definition by first write,
+date fields (written, read and imported as 'YYYY-MM-DD')."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,7 +14,9 @@ from tidings.identity.v1 import user_pb2
 
 from services.identity.fields import attribute_name_problem
 from tests.identity.conftest import TestApp as AppKeys
+from tests.identity.import_support import DATE, attribute, csv_bytes, options, upload, user
 from tests.identity.support import ext, failure, n, new_id, s
+from tests.identity.test_segments_support import t
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import (
@@ -139,3 +143,64 @@ async def test_fields_are_per_app(
         )
     )
     assert (bad_token.code, bad_token.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
+
+
+# -- date fields -----------------------------------------------------------------------------------
+
+
+async def _upsert_attribute(
+    stub: IdentityServiceStub, app: AppKeys, external_id: str, name: str, value: object
+) -> user_pb2.User:
+    response = await stub.UpsertUser(
+        pb.UpsertUserRequest(
+            ref=ext(external_id),
+            user=user_pb2.User(attributes={name: value}),  # type: ignore[dict-item]
+        ),
+        metadata=app.server,
+    )
+    return response.user
+
+
+def t_now() -> user_pb2.AttributeValue:
+    """A timestamp value (now): not what a date field holds."""
+    return t(datetime.now(UTC))
+
+
+async def test_a_date_field_is_written_and_read_as_yyyy_mm_dd(
+    identity_stub: IdentityServiceStub, app: AppKeys
+) -> None:
+    created = await _create(identity_stub, app, "renews_on", cf.FIELD_TYPE_DATE)
+    assert (created.type, created.auto_defined) == (cf.FIELD_TYPE_DATE, False)
+    key = new_id()
+    written = await _upsert_attribute(identity_stub, app, key, "renews_on", s("2024-02-29"))
+    assert written.attributes["renews_on"] == s("2024-02-29")
+    assert (await user(identity_stub, app, key)).attributes["renews_on"] == s("2024-02-29")
+    # Anything but a valid 'YYYY-MM-DD' string is refused, naming the attribute.
+    for bad in (s("2023-02-29"), s("10/05/2026"), s("2026-5-1"), s("20260501"), n(1), t_now()):
+        refused = await failure(_upsert_attribute(identity_stub, app, key, "renews_on", bad))
+        assert (refused.code, refused.fields) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["user.attributes.renews_on"],
+        ), bad
+    assert (await user(identity_stub, app, key)).attributes["renews_on"] == s("2024-02-29")
+    # A bare string cannot say it is a date: a first write defines a string field.
+    await _upsert_attribute(identity_stub, app, key, "seen_on", s("2026-05-01"))
+    types = {f.name: f.type for f in await _all(identity_stub, app, 10)}
+    assert types == {"renews_on": cf.FIELD_TYPE_DATE, "seen_on": cf.FIELD_TYPE_STRING}
+
+
+async def test_an_import_date_column_defines_a_date_field(
+    identity_stub: IdentityServiceStub, app: AppKeys
+) -> None:
+    key = new_id()
+    rows = [["id", "joined", "renews"], [key, "10/05/2020", "2027-01-31"]]
+    opts = options(attribute("joined", DATE, fmt="%d/%m/%Y"), attribute("renews", DATE))
+    job = await upload(identity_stub, app, opts, csv_bytes(rows))
+    assert (job.created, list(job.rejections)) == (1, [])
+    types = {f.name: (f.type, f.auto_defined) for f in await _all(identity_stub, app, 10)}
+    assert types == {
+        "joined": (cf.FIELD_TYPE_DATE, True),
+        "renews": (cf.FIELD_TYPE_DATE, True),
+    }
+    got = (await user(identity_stub, app, key)).attributes
+    assert (got["joined"], got["renews"]) == (s("2020-05-10"), s("2027-01-31"))

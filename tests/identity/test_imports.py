@@ -147,7 +147,7 @@ async def test_a_messy_file_counts_every_row_once_and_lands_the_good_ones(
     assert ana.attributes["plan"].string_value == "gold"
     assert ana.attributes["score"].number_value == 3.5
     assert ana.attributes["vip"].bool_value is True
-    assert ana.attributes["since"].timestamp_value.ToJsonString() == "2024-01-31T00:00:00Z"
+    assert ana.attributes["since"].string_value == "2024-01-31"  # a date field
     assert (await user(identity_stub, app, good[1])).attributes["plan"].string_value == (
         "quoted, with comma"
     )
@@ -349,12 +349,37 @@ async def test_attribute_types_follow_the_apps_customer_fields(
     assert rejections_by_line(job) == {3: ("FIELD_TYPE_MISMATCH", "tier")}
     got = await user(identity_stub, app, ok)
     assert got.attributes["seen"].timestamp_value.ToJsonString() == "2024-01-31T09:30:00Z"
-    assert got.attributes["born"].timestamp_value.ToJsonString() == "2000-02-29T00:00:00Z"
+    assert got.attributes["born"].string_value == "2000-02-29"
     fields = await identity_stub.ListCustomerFields(
         pb.ListCustomerFieldsRequest(), metadata=app.server
     )
     types = {f.name: f.type for f in fields.fields}
-    assert types["seen"] == types["born"] == customer_field_pb2.FIELD_TYPE_TIMESTAMP
+    assert types["seen"] == customer_field_pb2.FIELD_TYPE_TIMESTAMP
+    assert types["born"] == customer_field_pb2.FIELD_TYPE_DATE
+
+
+async def test_a_date_column_into_a_timestamp_field_fills_it_at_midnight_utc(
+    identity_stub: IdentityServiceAsyncStub, app: TestApp
+) -> None:
+    # Apps that imported dates before date fields existed hold them as timestamps.
+    await identity_stub.CreateCustomerField(
+        pb.CreateCustomerFieldRequest(
+            field=customer_field_pb2.CustomerField(
+                name="renewed", type=customer_field_pb2.FIELD_TYPE_TIMESTAMP
+            )
+        ),
+        metadata=app.server,
+    )
+    someone = new_id()
+    job = await _ok(
+        identity_stub,
+        app,
+        options(attribute("renewed", DATE, fmt="%d.%m.%Y")),
+        csv_bytes([["id", "renewed"], [someone, "29.02.2000"]]),
+    )
+    assert (job.created, job.rejected) == (1, 0)
+    got = await user(identity_stub, app, someone)
+    assert got.attributes["renewed"].timestamp_value.ToJsonString() == "2000-02-29T00:00:00Z"
 
 
 async def test_an_app_that_refuses_undefined_fields_refuses_their_cells(

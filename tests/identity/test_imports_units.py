@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 
 from services.identity.csv_cells import csv_text, looks_like_formula, neutralise
+from services.identity.fields import FieldType
 from services.identity.import_csv import CsvStream, Record, UnreadableFile
 from services.identity.import_options import (
     AttributeKind,
@@ -16,6 +17,8 @@ from services.identity.import_options import (
     ImportSpec,
     Mode,
     check_options,
+    date_attributes,
+    with_defined_fields,
 )
 from services.identity.import_rows import RowChecker, _moment_reader, _parse_moment, _stored_moment
 from services.identity.subscriptions_store import SubscriptionType
@@ -230,3 +233,61 @@ def test_one_header_may_feed_a_profile_value_and_a_subscription_not_two_of_eithe
     other = ColumnSpec("email", target="attribute", attribute="mail", kind=AttributeKind.STRING)
     assert _fields(_spec(columns=(field, sub, other))) == ["options.columns[2].column"]
     assert _fields(_spec(columns=(sub, field, sub))) == ["options.columns[2].column"]
+
+
+def _date_column(kind: AttributeKind, fmt: str = "") -> ColumnSpec:
+    return ColumnSpec("d", target="attribute", attribute="d", kind=kind, date_format=fmt)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cell", "stored"),
+    [
+        ("", "2020-05-10", "2020-05-10"),
+        ("", "20200510", "2020-05-10"),
+        ("%d/%m/%Y", "10/05/2020", "2020-05-10"),
+        # A time of day a format reads is dropped, never converted to another day.
+        ("%d/%m/%Y %H:%M%z", "10/05/2020 23:30-0500", "2020-05-10"),
+    ],
+)
+def test_a_date_column_stores_the_calendar_date_it_names(fmt: str, cell: str, stored: str) -> None:
+    spec = _spec(columns=(_date_column(AttributeKind.DATE, fmt),))
+    staged, rejection, _ = RowChecker(spec, ["id", "d"], date(2026, 1, 1)).check(
+        Record(2, ["a", cell])
+    )
+    assert rejection is None
+    assert staged is not None
+    assert staged[-1] == stored
+
+
+def test_a_bad_date_cell_is_refused() -> None:
+    spec = _spec(columns=(_date_column(AttributeKind.DATE),))
+    _, rejection, _ = RowChecker(spec, ["id", "d"], date(2026, 1, 1)).check(
+        Record(2, ["a", "2023-02-29"])
+    )
+    assert rejection is not None
+    assert (rejection.column, rejection.reason) == ("d", "INVALID_DATE")
+
+
+def test_a_date_column_feeding_a_timestamp_field_stores_midnight_utc_as_before() -> None:
+    spec = _spec(
+        columns=(
+            _date_column(AttributeKind.DATE),
+            ColumnSpec("e", target="attribute", attribute="e", kind=AttributeKind.DATE),
+        )
+    )
+    assert date_attributes(spec) == {"d", "e"}
+    resolved = with_defined_fields(spec, {"d": FieldType.TIMESTAMP, "e": FieldType.DATE})
+    assert [c.kind for c in resolved.columns] == [
+        AttributeKind.DATE_AS_TIMESTAMP,
+        AttributeKind.DATE,
+    ]
+    assert [c.kind.field_type for c in resolved.columns if c.kind] == [
+        FieldType.TIMESTAMP,
+        FieldType.DATE,
+    ]
+    assert with_defined_fields(spec, {}) is spec
+    staged, _, _ = RowChecker(resolved, ["id", "d", "e"], date(2026, 1, 1)).check(
+        Record(2, ["a", "2020-05-10", "2020-05-10"])
+    )
+    assert staged is not None
+    assert staged[-2:] == ("2020-05-10T00:00:00.000000Z", "2020-05-10")

@@ -1,9 +1,13 @@
 """Login and Logout through the real identity process: identify, merge, refuse to merge two
-identified users, detach, the client-key setting, caps during a merge, and concurrent logins."""
+identified users, detach, the client-key setting, login proofs, caps during a merge, and
+concurrent logins."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -11,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import field_mask_pb2
 from google.protobuf.struct_pb2 import Struct
 from tidings.identity.v1 import app_pb2, apps_service_pb2, identity_service_pb2_grpc, user_pb2
 from tidings.identity.v1 import identity_service_pb2 as pb
@@ -323,6 +328,142 @@ async def test_client_keys_log_in_only_where_the_app_allows_it(
         pb.LogoutRequest(subscription_id=phone.subscription_id), metadata=open_app.client
     )
     assert out.user.user_id not in (phone.user_id, response.user.user_id)
+
+
+# --- login proofs --------------------------------------------------------------------------------
+
+
+def proof(secret: str, external_id: str) -> str:
+    """What the app's backend computes (docs/identity.md), written here independently."""
+    return hmac.new(secret.encode(), external_id.encode(), hashlib.sha256).hexdigest()
+
+
+async def set_login_secret(apps_stub: AppsServiceAsyncStub, app: TestApp, secret: str) -> None:
+    await apps_stub.UpdateApp(
+        apps_service_pb2.UpdateAppRequest(
+            app=app_pb2.App(app_id=app.app_id, login_secret=secret),
+            update_mask=field_mask_pb2.FieldMask(paths=["login_secret"]),
+        ),
+        metadata=ADMIN,
+    )
+
+
+async def proving_app(apps_stub: AppsServiceAsyncStub) -> tuple[TestApp, str]:
+    """An app that allows client login and has a login secret, and the secret."""
+    app = await create_test_app(apps_stub, app_pb2.AppSettings(allow_client_login=True))
+    secret = secrets.token_urlsafe(32)
+    await set_login_secret(apps_stub, app, secret)
+    return app, secret
+
+
+async def client_login(
+    identity_stub: Stub, app: TestApp, subscription_id: str, external_id: str, proof: str = ""
+) -> pb.LoginResponse:
+    return await identity_stub.Login(
+        pb.LoginRequest(
+            subscription_id=subscription_id, external_id=external_id, external_id_proof=proof
+        ),
+        metadata=app.client,
+    )
+
+
+async def test_with_a_login_secret_client_logins_must_prove_the_external_id(
+    identity_stub: Stub, apps_stub: AppsServiceAsyncStub
+) -> None:
+    app, secret = await proving_app(apps_stub)
+    victim = crm_id()
+    await known_user(identity_stub, app, victim, first_name="Ana")
+    phone = await identity_stub.CreateSubscription(create(push(), ext(victim)), metadata=app.server)
+    attacker = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    unclaimed = crm_id()
+    wrong = [
+        "",
+        proof(secret, unclaimed),  # a proof of another external id
+        proof(secrets.token_urlsafe(32), victim),  # under another secret
+        proof(secret, victim)[:-1],
+        "☃" * 64,
+    ]
+    for external_id, bad in [(victim, p) for p in wrong] + [(unclaimed, "")]:
+        error = await failure(
+            client_login(identity_stub, app, attacker.subscription_id, external_id, bad)
+        )
+        assert error.code == grpc.StatusCode.PERMISSION_DENIED, bad
+        assert (error.reason, error.fields) == ("EXTERNAL_ID_PROOF_INVALID", ["external_id_proof"])
+
+    # Nothing changed: the attacker's device is still anonymous, the victim keeps their phone,
+    # and nobody claimed the unclaimed id.
+    held = await identity_stub.GetSubscription(
+        pb.GetSubscriptionRequest(subscription_id=attacker.subscription_id), metadata=app.server
+    )
+    assert held.user_id == attacker.user_id
+    known = await get_user(identity_stub, app, ext(victim))
+    assert [s.subscription_id for s in known.subscriptions] == [phone.subscription_id]
+    missing = await failure(get_user(identity_stub, app, ext(unclaimed)))
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+
+    # The right proof (hex in either case) logs the device in.
+    device = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    response = await client_login(
+        identity_stub, app, device.subscription_id, victim, proof(secret, victim).upper()
+    )
+    assert (response.user.external_id, response.merged_user_id) == (victim, device.user_id)
+    fresh = await client_login(
+        identity_stub, app, attacker.subscription_id, unclaimed, proof(secret, unclaimed)
+    )
+    assert (fresh.user.user_id, fresh.user.external_id) == (attacker.user_id, unclaimed)
+
+
+async def test_server_keys_need_no_login_proof(
+    identity_stub: Stub, apps_stub: AppsServiceAsyncStub
+) -> None:
+    app, _ = await proving_app(apps_stub)
+    device = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    external_id = crm_id()
+    response = await login(identity_stub, app, device.subscription_id, external_id)
+    assert (response.user.user_id, response.user.external_id) == (device.user_id, external_id)
+    # Logout needs no proof either: it names no external id.
+    out = await identity_stub.Logout(
+        pb.LogoutRequest(subscription_id=device.subscription_id), metadata=app.client
+    )
+    assert out.user.user_id != device.user_id
+
+
+async def test_rotating_the_login_secret_invalidates_old_proofs(
+    identity_stub: Stub, apps_stub: AppsServiceAsyncStub
+) -> None:
+    app, old = await proving_app(apps_stub)
+    external_id = crm_id()
+    device = await identity_stub.CreateSubscription(create(push()), metadata=app.client)
+    await client_login(
+        identity_stub, app, device.subscription_id, external_id, proof(old, external_id)
+    )
+    await identity_stub.Logout(
+        pb.LogoutRequest(subscription_id=device.subscription_id), metadata=app.client
+    )
+
+    new = secrets.token_urlsafe(32)
+    await set_login_secret(apps_stub, app, new)
+    error = await failure(
+        client_login(
+            identity_stub, app, device.subscription_id, external_id, proof(old, external_id)
+        )
+    )
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "EXTERNAL_ID_PROOF_INVALID",
+    )
+    back = await client_login(
+        identity_stub, app, device.subscription_id, external_id, proof(new, external_id)
+    )
+    assert back.user.external_id == external_id
+
+    # Removing the secret (empty, named by the mask) returns to unproven client logins.
+    await identity_stub.Logout(
+        pb.LogoutRequest(subscription_id=device.subscription_id), metadata=app.client
+    )
+    await set_login_secret(apps_stub, app, "")
+    again = await client_login(identity_stub, app, device.subscription_id, external_id)
+    assert again.user.external_id == external_id
 
 
 # --- caps during a merge -------------------------------------------------------------------------

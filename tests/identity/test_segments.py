@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,9 +18,9 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.type import date_pb2
+from tidings.identity.v1 import customer_field_pb2, user_pb2
 from tidings.identity.v1 import identity_service_pb2 as pb
 from tidings.identity.v1 import segment_pb2 as sp
-from tidings.identity.v1 import user_pb2
 
 from tests.identity.conftest import TestApp
 from tests.identity.support import ext, failure
@@ -657,6 +657,88 @@ async def test_app_default_timezone_decides_birthdays(identity_stub: Any, apps_s
     )
     today = attr("birthdate", Op.OPERATOR_ANNIVERSARY_IN_DAYS, days=0)
     assert await matching(identity_stub, app, today) == {"local", "utc"}
+
+
+async def test_date_field_conditions_compare_calendar_days(
+    identity_stub: Any, app: TestApp
+) -> None:
+    """A date field is compared as a calendar day: relative operators count from each user's
+    local today, and the stored date is never moved to a zone."""
+    for name in ("renews_on", "joined_on"):
+        await identity_stub.CreateCustomerField(
+            pb.CreateCustomerFieldRequest(
+                field=customer_field_pb2.CustomerField(
+                    name=name, type=customer_field_pb2.FIELD_TYPE_DATE
+                )
+            ),
+            metadata=app.server,
+        )
+    now = datetime.now(UTC)
+    # UTC+14 and UTC-11: 25 hours apart, so their dates always differ, and at least one of
+    # them differs from UTC's.
+    kiri_zone, pago_zone = "Pacific/Kiritimati", "Pacific/Pago_Pago"
+    kiri_today = now.astimezone(ZoneInfo(kiri_zone)).date()
+    pago_today = now.astimezone(ZoneInfo(pago_zone)).date()
+
+    def years_before(day: date) -> str:  # the same day (Feb 29 included) four years before
+        return day.replace(year=day.year - 4).isoformat()
+
+    await upsert(
+        identity_stub,
+        app,
+        "kiri",
+        {
+            "renews_on": (kiri_today + timedelta(days=3)).isoformat(),
+            "joined_on": years_before(kiri_today),
+        },
+        timezone=kiri_zone,
+    )
+    await upsert(
+        identity_stub,
+        app,
+        "pago",
+        {
+            "renews_on": (pago_today - timedelta(days=2)).isoformat(),
+            "joined_on": years_before(pago_today),
+        },
+        timezone=pago_zone,
+    )
+    await upsert(identity_stub, app, "utc", {"renews_on": "2020-05-10", "joined_on": "2020-05-10"})
+    await upsert(identity_stub, app, "nobody")
+    renews = "attributes.renews_on"
+    cases: list[tuple[sp.Condition, set[str]]] = [
+        (attr(renews, Op.OPERATOR_EQUALS, "2020-05-10"), {"utc"}),
+        # A point in time compares by its UTC date.
+        (attr(renews, Op.OPERATOR_EQUALS, datetime(2020, 5, 10, 23, tzinfo=UTC)), {"utc"}),
+        (attr(renews, Op.OPERATOR_NOT_EQUALS, "2020-05-10"), {"kiri", "pago", "nobody"}),
+        (attr(renews, Op.OPERATOR_BEFORE, "2021-01-01"), {"utc"}),
+        (attr(renews, Op.OPERATOR_AFTER, "2021-01-01"), {"kiri", "pago"}),
+        (attr(renews, Op.OPERATOR_BETWEEN, "2020-05-10", "2020-05-10"), {"utc"}),
+        (attr(renews, Op.OPERATOR_EXISTS), {"kiri", "pago", "utc"}),
+        (attr(renews, Op.OPERATOR_WITHIN_NEXT_DAYS, days=3), {"kiri"}),
+        (attr(renews, Op.OPERATOR_WITHIN_NEXT_DAYS, days=2), set()),
+        (attr(renews, Op.OPERATOR_WITHIN_LAST_DAYS, days=2), {"pago"}),
+        (attr(renews, Op.OPERATOR_WITHIN_LAST_DAYS, days=1), set()),
+        # Each on their own local day, which are never the same day.
+        (attr("attributes.joined_on", Op.OPERATOR_ANNIVERSARY_IN_DAYS, days=0), {"kiri", "pago"}),
+        (not_(attr(renews, Op.OPERATOR_WITHIN_NEXT_DAYS, days=3)), {"pago", "utc", "nobody"}),
+    ]
+    for condition, expected in cases:
+        got = await matching(identity_stub, app, condition)
+        assert got == expected, (condition, got)
+        assert await count(identity_stub, app, condition) == len(expected), condition
+    refused = [
+        (attr(renews, Op.OPERATOR_IN, "2020-05-10"), "segment.condition.attribute.operator"),
+        (attr(renews, Op.OPERATOR_CONTAINS, "2020"), "segment.condition.attribute.operator"),
+        (attr(renews, Op.OPERATOR_EQUALS, "2020-5-10"), "segment.condition.attribute.values[0]"),
+        (attr(renews, Op.OPERATOR_EQUALS, 2020), "segment.condition.attribute.values[0]"),
+        (
+            attr(renews, Op.OPERATOR_BETWEEN, "2021-01-01", "2020-01-01"),
+            "segment.condition.attribute.values",
+        ),
+    ]
+    for condition, field in refused:
+        assert (await invalid(identity_stub, app, condition)).fields == [field], condition
 
 
 # -- Count ---------------------------------------------------------------------------------------

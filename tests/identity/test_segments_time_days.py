@@ -486,27 +486,30 @@ async def test_birthdays_and_anniversaries_turn_at_local_midnight(
     assert not await member_at(service, own_app, today, "ny", tokyo_noon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue, not fixed here (needs a proto change): a CSV DATE cell is stored as a "
-    "timestamp at midnight UTC, so west of UTC its anniversary falls a day early",
-)
 async def test_an_imported_date_has_its_anniversary_on_the_local_day(
     service: Service, own_app: TestApp
 ) -> None:
     stub, clock = service.identity, service.clock
     day = days_ahead(clock.now(), 5)
-    rows = [["id", "timezone", "joined"], ["ny", "America/New_York", f"2020-{day:%m-%d}"]]
+    rows = [
+        ["id", "timezone", "joined"],
+        ["ny", "America/New_York", f"2020-{day:%m-%d}"],
+        ["utc", "UTC", f"2020-{day:%m-%d}"],
+    ]
     opts = options(standard("timezone"), attribute("joined", DATE))
     job = await upload(stub, own_app, opts, csv_bytes(rows))
-    assert job.created == 1, job
+    assert job.created == 2, job
     async with ChangeFeed(own_app.app_id) as feed:
         joined = await new_segment(
             service, own_app, attr("attributes.joined", Op.OPERATOR_ANNIVERSARY_IN_DAYS, days=0)
         )
         await reach(service, own_app, feed, {joined: {}})
+        # The day begins in UTC while it is still the evening before in New York: the date
+        # is the same calendar day everywhere, so only the UTC user's anniversary has come.
+        clock.move_to(local_midnight(day, ZoneInfo("UTC")) + MINUTE)
+        await reach(service, own_app, feed, {joined: {"utc": "+"}}, within=10)
         start = clock.move_to(local_midnight(day, NEW_YORK) + MINUTE)
-        await reach(service, own_app, feed, {joined: {"ny": "+"}}, within=10)
+        await reach(service, own_app, feed, {joined: {"utc": "+", "ny": "+"}}, within=10)
     [(enter, _)] = await periods(service, own_app, joined, "ny")
     assert enter >= start
 

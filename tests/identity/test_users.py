@@ -214,6 +214,26 @@ def test_attributes_are_typed_by_their_fields() -> None:
     assert defined == [CustomerField("seen", FieldType.TIMESTAMP, auto_defined=True)]
 
 
+def test_date_fields_hold_yyyy_mm_dd_strings() -> None:
+    catalog = FieldCatalog(
+        {"renews_on": CustomerField("renews_on", FieldType.DATE)}, auto_define=True
+    )
+    new, defined = apply_write(
+        _profile(),
+        UserWrite(ref=ByExternalId("c1"), attributes={"renews_on": "2028-02-29"}),
+        catalog,
+    )
+    assert (new.attributes, defined) == ({"renews_on": "2028-02-29"}, [])
+    moment = datetime(2026, 1, 2, tzinfo=UTC)
+    for bad, reason in (("2027-02-29", "INVALID_DATE"), (moment, "FIELD_TYPE_MISMATCH")):
+        write = UserWrite(ref=ByExternalId("c1"), attributes={"renews_on": bad})
+        with pytest.raises(InvalidArgument) as error:
+            apply_write(_profile(), write, catalog)
+        [violation] = error.value.field_violations
+        assert (violation.field, violation.reason) == ("user.attributes.renews_on", reason)
+        assert "date" in violation.description
+
+
 def test_undefined_fields_are_refused_when_the_app_says_so() -> None:
     catalog = FieldCatalog({}, auto_define=False)
     with pytest.raises(InvalidArgument) as error:

@@ -11,11 +11,19 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
-from tidings.identity.v1 import app_pb2, apps_service_pb2_grpc, segment_pb2, user_pb2, user_ref_pb2
+from tidings.identity.v1 import (
+    app_pb2,
+    apps_service_pb2_grpc,
+    customer_field_pb2,
+    segment_pb2,
+    user_pb2,
+    user_ref_pb2,
+)
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
@@ -333,6 +341,48 @@ async def test_date_attribute_delay_in_the_past_does_not_wait(
     assert waiting.waiting_for == "timer"
     expected = future.ToDatetime(tzinfo=UTC) - timedelta(days=1)
     assert abs(waiting.wake_time.ToDatetime(tzinfo=UTC) - expected) < timedelta(seconds=1)
+
+
+async def test_date_field_delay_waits_until_the_customers_local_midnight_of_that_day(
+    journeys: Any, users: Any, app: TestApp, feed: SendFeed
+) -> None:
+    await users.CreateCustomerField(
+        ipb.CreateCustomerFieldRequest(
+            field=customer_field_pb2.CustomerField(
+                name="renews_on", type=customer_field_pb2.FIELD_TYPE_DATE
+            )
+        ),
+        metadata=app.server,
+    )
+    day = (datetime.now(UTC) + timedelta(days=10)).date()
+    (later,) = await make_users(
+        users,
+        app,
+        1,
+        timezone="America/New_York",
+        attributes={"renews_on": user_pb2.AttributeValue(string_value=day.isoformat())},
+    )
+    d = definition(
+        node(
+            "until",
+            delay=jpb.DelayNode(
+                until_date_attribute=jpb.DelayNode.UntilDateAttribute(
+                    attribute="attributes.renews_on", offset=seconds(-86400)
+                )
+            ),
+            next={"next": "renew"},
+        ),
+        send("renew", next="end"),
+        exit_node("end"),
+    )
+    journey = await create_active(journeys, app.server, d)
+    await add(journeys, app, journey.journey_id, [later])
+    waiting = await state(journeys, app, journey.journey_id, later)
+    assert (waiting.status, waiting.waiting_for) == (pb.CustomerState.STATUS_WAITING, "timer")
+    # The day before, at midnight in New York (04:00 or 05:00 UTC), not at midnight UTC.
+    new_york = ZoneInfo("America/New_York")
+    midnight = datetime.combine(day, datetime.min.time(), tzinfo=new_york).astimezone(UTC)
+    assert waiting.wake_time.ToDatetime(tzinfo=UTC) == midnight - timedelta(days=1)
 
 
 async def test_reentry_once_concurrency_limit_and_state_api(
