@@ -198,7 +198,7 @@ class ServiceInterceptor(_ServerInterceptor):
 
             async def wrapped_stream_unary(requests: Any, context: _Context) -> Any:
                 async with scope(method, context):
-                    return await _resolve(stream_unary(_whole_stream(requests), context))
+                    return await _resolve(stream_unary(requests, context))
 
             return grpc.stream_unary_rpc_method_handler(
                 wrapped_stream_unary, handler.request_deserializer, handler.response_serializer
@@ -212,8 +212,6 @@ class ServiceInterceptor(_ServerInterceptor):
             if handler.request_streaming
             else grpc.unary_stream_rpc_method_handler
         )
-        if handler.request_streaming:
-            behaviour = _reading_whole_streams(behaviour)
         if inspect.isasyncgenfunction(behaviour):
             generator = behaviour
 
@@ -247,39 +245,6 @@ class ServiceInterceptor(_ServerInterceptor):
                         await context.write(response)
 
         return factory(wrapped_writer, handler.request_deserializer, handler.response_serializer)
-
-
-#: Seconds the end of a client stream is held back. grpc.aio ends a request iterator when the
-#: client goes away just as when it finished sending, and cancels the handler only right after
-#: (measured: every time, within milliseconds): without this, an upload cut off mid-file would
-#: be taken for a whole file. A cancellation arriving meanwhile interrupts the wait.
-STREAM_END_GRACE = 0.25
-
-
-async def _whole_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """``requests``, whose end is reported only once the client is known not to have gone
-    away (see :data:`STREAM_END_GRACE`)."""
-    async for request in requests:
-        yield request
-    await asyncio.sleep(STREAM_END_GRACE)
-
-
-def _reading_whole_streams(behaviour: _Behaviour) -> _Behaviour:
-    """``behaviour`` (a stream-stream handler) reading its requests through
-    :func:`_whole_stream`, keeping its style (async generator or coroutine)."""
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def generator(requests: Any, context: _Context) -> AsyncIterator[Any]:
-            async with contextlib.aclosing(behaviour(_whole_stream(requests), context)) as out:
-                async for response in out:
-                    yield response
-
-        return generator
-
-    def call(requests: Any, context: _Context) -> Any:
-        return behaviour(_whole_stream(requests), context)
-
-    return call
 
 
 async def _resolve(result: Any) -> Any:

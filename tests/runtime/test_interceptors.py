@@ -61,10 +61,6 @@ class _Observed:
 
     calls: int = 0
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
-    # Upload: messages read, and how each call's reading ended.
-    upload_reads: int = 0
-    uploads_whole: int = 0
-    uploads_cancelled: int = 0
 
 
 def _fail_as(text: str) -> None:
@@ -133,16 +129,6 @@ def _handlers(observed: _Observed) -> grpc.GenericRpcHandler[Any, Any]:
             _fail_as(part)
         return StringValue(value=",".join(parts))
 
-    async def upload(requests: AsyncIterator[StringValue], context: _Context) -> StringValue:
-        try:
-            async for _ in requests:
-                observed.upload_reads += 1
-        except asyncio.CancelledError:
-            observed.uploads_cancelled += 1
-            raise
-        observed.uploads_whole += 1  # what an import would now commit
-        return StringValue(value="whole")
-
     async def shout(
         requests: AsyncIterator[StringValue], context: _Context
     ) -> AsyncIterator[StringValue]:
@@ -165,7 +151,6 @@ def _handlers(observed: _Observed) -> grpc.GenericRpcHandler[Any, Any]:
             "CountByWriting": grpc.unary_stream_rpc_method_handler(count_by_writing, **messages),
             "Join": grpc.stream_unary_rpc_method_handler(join, **messages),
             "Shout": grpc.stream_stream_rpc_method_handler(shout, **messages),
-            "Upload": grpc.stream_unary_rpc_method_handler(upload, **messages),
         },
     )
 
@@ -495,36 +480,6 @@ async def test_client_streaming(harness: _Harness) -> None:
         await join(requests("a", "missing"), metadata=ADMIN)
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
     assert _rich(raised.value)[1].reason == "THING_NOT_FOUND"
-
-
-async def _cut_off_upload(harness: _Harness) -> None:
-    """One Upload call that sends a part, then goes away; returns once its handler ended."""
-    observed = harness.observed
-    reads, cancelled = observed.upload_reads, observed.uploads_cancelled
-    stall = asyncio.Event()
-
-    async def cut_off() -> AsyncIterator[StringValue]:
-        yield StringValue(value="first part")
-        await stall.wait()
-
-    call = harness.stream_unary("Upload")(cut_off(), metadata=ADMIN)
-    await _eventually(lambda: observed.upload_reads == reads + 1, "the first part read")
-    call.cancel()
-    await _eventually(lambda: observed.uploads_cancelled == cancelled + 1, "cancelled")
-
-
-async def test_a_client_stream_cut_off_is_never_taken_for_a_whole_one(harness: _Harness) -> None:
-    # grpc.aio ends the request iterator when the client goes away, as when it finished
-    # sending, and cancels the handler only after: the interceptor holds the end back.
-    for _ in range(10):
-        await _cut_off_upload(harness)
-    assert harness.observed.uploads_whole == 0
-
-    async def whole() -> AsyncIterator[StringValue]:
-        yield StringValue(value="all")
-
-    reply = await harness.stream_unary("Upload")(whole(), metadata=ADMIN)
-    assert (reply.value, harness.observed.uploads_whole) == ("whole", 1)
 
 
 async def test_bidirectional_streaming(harness: _Harness) -> None:
