@@ -63,6 +63,7 @@ from services.runtime.errors import (
     NotFound,
 )
 from services.runtime.kafka import DELIVERY_REQUESTS
+from services.runtime.streams import confirm_stream_end
 
 __all__ = [
     "MAX_LIST_REFS",
@@ -826,6 +827,7 @@ class _Upload:
             self._take(parser.feed(message.chunk))
             if len(self._page) >= PAGE and not await self._publish():
                 break  # cancelled
+        await confirm_stream_end()  # a client gone mid-file must not look like a whole file
         self._take(parser.feed(b"", final=True))
         if self._header is None:
             raise InvalidArgument("the file is empty", reason="CSV_EMPTY")

@@ -66,6 +66,7 @@ from services.runtime.errors import (
     ResourceExhausted,
 )
 from services.runtime.paging import bad_page_token, decode_page_token, encode_page_token, page_size
+from services.runtime.streams import confirm_stream_end
 
 __all__ = [
     "INTERRUPTED",
@@ -357,6 +358,7 @@ async def _receive(
     receiver = _Receiver(ctx, conn, app_id, spec, staging, progress)
     started = time.monotonic()
     await receiver.receive(chunks)
+    await confirm_stream_end()  # a client gone mid-file must not look like a whole file
     return _Received(staging, sealed, progress, time.monotonic() - started)
 
 
