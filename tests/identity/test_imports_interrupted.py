@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +42,30 @@ def _options(import_id: str) -> import_pb2.ImportOptions:
     return options(standard("email"), attribute("score", NUMBER), import_id=import_id)
 
 
-async def _identity(dsn: str, log_dir: Path, env: dict[str, str] | None = None) -> ServiceProcess:
+@dataclass
+class _Identity:
+    """An identity process of the test's own, a stub on it, and the app the test works in."""
+
+    service: ServiceProcess
+    stub: Any
+    app: TestApp
+
+
+@contextlib.asynccontextmanager
+async def _identity(
+    dsn: str, log_dir: Path, *, app: TestApp | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[_Identity]:
+    """Start identity on ``dsn`` (in a new app unless ``app`` is given); SIGKILL it on exit."""
     service = await start_service("identity", database_url=dsn, log_dir=log_dir, env=env)
-    await service.wait_serving()
-    return service
+    try:
+        await service.wait_serving()
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            if app is None:
+                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
+            stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
+            yield _Identity(service, stub, app)
+    finally:
+        await service.kill()
 
 
 async def _job(stub: IdentityServiceAsyncStub, app: TestApp, import_id: str) -> Job:
@@ -100,22 +121,18 @@ async def _check_recovery_and_rerun(
     dsn: str, log_dir: Path, app: TestApp, import_id: str, data: bytes
 ) -> None:
     """A fresh process marks the job FAILED; the file uploaded twice more lands exactly once."""
-    service = await _identity(dsn, log_dir)
-    try:
-        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-            stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-            failed = await _wait_job(stub, app, import_id, Job.STATE_FAILED)
-            assert "upload the file again" in failed.error
-            assert await _count_users(stub, app) == 0
-            for attempt, expected in (("again", (ROWS, 0)), ("twice", (0, ROWS))):
-                job = await stub.ImportUsers(
-                    _all(_options(f"{import_id}-{attempt}"), data), metadata=app.server
-                )
-                assert job.state == Job.STATE_SUCCEEDED, job.error
-                assert (job.created, job.unchanged) == expected
-            assert await _count_users(stub, app) == ROWS
-    finally:
-        await service.stop()
+    async with _identity(dsn, log_dir, app=app) as run:
+        failed = await _wait_job(run.stub, app, import_id, Job.STATE_FAILED)
+        assert "upload the file again" in failed.error
+        assert await _count_users(run.stub, app) == 0
+        for attempt, expected in (("again", (ROWS, 0)), ("twice", (0, ROWS))):
+            job = await run.stub.ImportUsers(
+                _all(_options(f"{import_id}-{attempt}"), data), metadata=app.server
+            )
+            assert job.state == Job.STATE_SUCCEEDED, job.error
+            assert (job.created, job.unchanged) == expected
+        assert await _count_users(run.stub, app) == ROWS
+        await run.service.stop()
 
 
 async def _all(
@@ -132,52 +149,40 @@ async def test_a_process_killed_mid_upload_leaves_a_failed_job_and_rerunning_lan
     data = _file(new_id())
     import_id = f"killed-{new_id()}"
     async with temporary_database() as dsn:
-        service = await _identity(dsn, tmp_path)
-        try:
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                hold = asyncio.Event()
-                call = await _upload(stub, app, import_id, data, hold)
-                deadline = asyncio.get_running_loop().time() + 30
-                while True:
-                    job = await _wait_job(stub, app, import_id, Job.STATE_RECEIVING)
-                    if job.rows > 0:
-                        break
-                    assert asyncio.get_running_loop().time() < deadline
-                    await asyncio.sleep(0.05)
-                await service.kill()
-                hold.set()
-                with pytest.raises(grpc.aio.AioRpcError) as broken:
-                    await call
-                # The transport died under the call: gRPC reports UNAVAILABLE, or INTERNAL
-                # ("Failed execute_batch") when the client was sending its next chunk just then.
-                assert broken.value.code() in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.INTERNAL,
-                ), broken.value
-        finally:
-            await service.kill()
-        await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)
+        async with _identity(dsn, tmp_path) as run:
+            hold = asyncio.Event()
+            call = await _upload(run.stub, run.app, import_id, data, hold)
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                job = await _wait_job(run.stub, run.app, import_id, Job.STATE_RECEIVING)
+                if job.rows > 0:
+                    break
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            await run.service.kill()
+            hold.set()
+            with pytest.raises(grpc.aio.AioRpcError) as broken:
+                await call
+            # The transport died under the call: gRPC reports UNAVAILABLE, or INTERNAL
+            # ("Failed execute_batch") when the client was sending its next chunk just then.
+            assert broken.value.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.INTERNAL,
+            ), broken.value
+        await _check_recovery_and_rerun(dsn, tmp_path, run.app, import_id, data)
 
 
 async def test_a_process_killed_mid_merge_writes_nothing(tmp_path: Path) -> None:
     data = _file(new_id())
     import_id = f"merge-{new_id()}"
     async with temporary_database() as dsn:
-        service = await _identity(dsn, tmp_path)
-        try:
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                call = stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
-                await _wait_job(stub, app, import_id, Job.STATE_APPLYING, within=60)
-                await service.kill()
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await call
-        finally:
-            await service.kill()
-        await _check_recovery_and_rerun(dsn, tmp_path, app, import_id, data)
+        async with _identity(dsn, tmp_path) as run:
+            call = run.stub.ImportUsers(_all(_options(import_id), data), metadata=run.app.server)
+            await _wait_job(run.stub, run.app, import_id, Job.STATE_APPLYING, within=60)
+            await run.service.kill()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+        await _check_recovery_and_rerun(dsn, tmp_path, run.app, import_id, data)
 
 
 async def test_a_client_gone_while_the_import_applies_does_not_stop_the_merge(
@@ -187,22 +192,15 @@ async def test_a_client_gone_while_the_import_applies_does_not_stop_the_merge(
     import_id = f"left-{new_id()}"
     # A process of its own: 40,000 users would otherwise weigh on the shared one's segment
     # maintainer for the tests after this one.
-    async with temporary_database() as dsn:
-        service = await _identity(dsn, tmp_path)
-        try:
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                call = stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
-                await _wait_job(stub, app, import_id, Job.STATE_APPLYING, within=60)
-                call.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await call
-                job = await _wait_job(stub, app, import_id, Job.STATE_SUCCEEDED, within=60)
-                assert (job.rows, job.created, job.rejected, job.error) == (ROWS, ROWS, 0, "")
-                assert await _count_users(stub, app) == ROWS
-        finally:
-            await service.kill()
+    async with temporary_database() as dsn, _identity(dsn, tmp_path) as run:
+        call = run.stub.ImportUsers(_all(_options(import_id), data), metadata=run.app.server)
+        await _wait_job(run.stub, run.app, import_id, Job.STATE_APPLYING, within=60)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        job = await _wait_job(run.stub, run.app, import_id, Job.STATE_SUCCEEDED, within=60)
+        assert (job.rows, job.created, job.rejected, job.error) == (ROWS, ROWS, 0, "")
+        assert await _count_users(run.stub, run.app) == ROWS
 
 
 async def test_a_service_stopping_mid_merge_exits_and_leaves_the_import_whole_or_not_at_all(
@@ -213,27 +211,19 @@ async def test_a_service_stopping_mid_merge_exits_and_leaves_the_import_whole_or
     async with temporary_database() as dsn:
         # No grace: the call is cancelled at once and the merge, out of the call's reach, is
         # abandoned as the process ends; it must not keep the process alive.
-        service = await _identity(dsn, tmp_path, {"TIDINGS_SHUTDOWN_GRACE_SECONDS": "0"})
-        try:
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                app = await create_test_app(apps_service_pb2_grpc.AppsServiceStub(channel))
-                stub: Any = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                call = stub.ImportUsers(_all(_options(import_id), data), metadata=app.server)
-                await _wait_job(stub, app, import_id, Job.STATE_APPLYING, within=60)
-                assert await service.stop(within=20) == 0
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await call
-        finally:
-            await service.kill()
-        service = await _identity(dsn, tmp_path)
-        try:
-            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
-                stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
-                job = await _job(stub, app, import_id)
-                if job.state != Job.STATE_SUCCEEDED:  # the merge may have won the race
-                    job = await _wait_job(stub, app, import_id, Job.STATE_FAILED)
-                    assert "upload the file again" in job.error
-                expected = ROWS if job.state == Job.STATE_SUCCEEDED else 0
-                assert await _count_users(stub, app) == expected
-        finally:
-            await service.stop()
+        no_grace = {"TIDINGS_SHUTDOWN_GRACE_SECONDS": "0"}
+        async with _identity(dsn, tmp_path, env=no_grace) as run:
+            call = run.stub.ImportUsers(_all(_options(import_id), data), metadata=run.app.server)
+            await _wait_job(run.stub, run.app, import_id, Job.STATE_APPLYING, within=60)
+            assert await run.service.stop(within=20) == 0
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+        app = run.app
+        async with _identity(dsn, tmp_path, app=app) as run:
+            job = await _job(run.stub, app, import_id)
+            if job.state != Job.STATE_SUCCEEDED:  # the merge may have won the race
+                job = await _wait_job(run.stub, app, import_id, Job.STATE_FAILED)
+                assert "upload the file again" in job.error
+            expected = ROWS if job.state == Job.STATE_SUCCEEDED else 0
+            assert await _count_users(run.stub, app) == expected
+            await run.service.stop()
