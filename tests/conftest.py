@@ -17,6 +17,9 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+# A failed test shows what the service processes logged as errors while it ran.
+from tests.service_logs import pytest_runtest_makereport, pytest_runtest_setup  # noqa: F401
+
 PG_ADMIN_DSN = os.environ.get(
     "TIDINGS_TEST_PG_ADMIN_DSN", "postgresql://tidings:tidings@127.0.0.1:55432/postgres"
 )

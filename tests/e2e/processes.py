@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import service_logs
 from tests.conftest import KAFKA_BOOTSTRAP
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,6 +259,7 @@ async def start_service(
     grpc_port, metrics_port = free_port(), free_port()
     directory = log_dir or Path(tempfile.mkdtemp(prefix="tidings-e2e-"))
     log_path = directory / f"{name}-{grpc_port}.log"
+    service_logs.watch(log_path)
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             str(PYTHON),
