@@ -37,12 +37,12 @@ from tests.identity.conftest import TestApp
 from tests.journey.support import (
     create_active,
     definition,
-    eventually,
     exit_node,
     node,
     seconds,
     send,
 )
+from tests.polling import eventually
 
 #: The wait between the two sends: long enough for the erasure to happen inside it.
 WAIT_SECONDS = 8.0

@@ -44,13 +44,13 @@ from tests.identity.conftest import TestApp
 from tests.journey.support import (
     create_active,
     definition,
-    eventually,
     exit_node,
     journey_process,
     journey_stub,
     node,
     seconds,
 )
+from tests.polling import eventually
 
 # (secret, timestamp, body, hex HMAC) — from `printf '%s' "<t>.<body>" | openssl dgst -sha256
 # -hmac <secret>`.

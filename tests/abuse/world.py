@@ -24,7 +24,8 @@ from tests.delivery.sink import Sink
 from tests.delivery.support import by_id, struct
 from tests.identity.conftest import TestApp, create_test_app
 from tests.identity.import_support import STRING, attribute, options, standard, upload
-from tests.journey.support import definition, eventually, exit_node, node, seconds
+from tests.journey.support import definition, exit_node, node, seconds
+from tests.polling import eventually
 
 
 def make_canary() -> str:

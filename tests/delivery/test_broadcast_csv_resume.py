@@ -18,7 +18,7 @@ from tests.delivery.sink import Sink
 from tests.delivery.support import DeliveryHarness
 from tests.delivery.test_broadcasts import _broadcast, _wait_done
 from tests.identity.support import failure
-from tests.journey.support import eventually
+from tests.polling import eventually
 
 B = broadcast_pb2.Broadcast
 #: More rows than a fan-out page (1,000), so the first part is published before the break.

@@ -22,7 +22,7 @@ from tests.delivery.sink import Sink, SinkRequest
 from tests.delivery.support import DeliveryHarness, ReceiptFeed, by_id, inline, struct, webhook
 from tests.identity.conftest import ADMIN
 from tests.identity.support import failure, item_failure
-from tests.runtime.kafka_helpers import eventually
+from tests.polling import eventually
 
 S = message_pb2
 WEBHOOK = channel_pb2.CHANNEL_WEBHOOK
@@ -161,7 +161,7 @@ async def test_a_deleted_user_is_never_messaged(harness: DeliveryHarness, sink: 
             return error.code() == grpc.StatusCode.NOT_FOUND
         return False
 
-    await eventually(forgotten, within=30, message="delivery erasing the user's messages")
+    await eventually(forgotten, within=30, what="delivery erasing the user's messages")
     [result] = (await harness.send([by_id(user.user_id)], spec)).results
     message = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_FAILED)
     assert _reason(message) == "USER_NOT_FOUND"

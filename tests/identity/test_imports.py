@@ -56,9 +56,9 @@ from tests.identity.test_segments_support import (
     Op,
     attr,
     create_segment,
-    eventually,
     member_external_ids,
 )
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from tidings.identity.v1.apps_service_pb2_grpc import AppsServiceAsyncStub

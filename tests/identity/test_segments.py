@@ -32,7 +32,6 @@ from tests.identity.test_segments_support import (
     count,
     create_segment,
     event,
-    eventually,
     matching,
     member_external_ids,
     member_of,
@@ -40,6 +39,7 @@ from tests.identity.test_segments_support import (
     not_,
     upsert,
 )
+from tests.polling import eventually
 
 GOLD = attr("attributes.plan", Op.OPERATOR_EQUALS, "gold")
 

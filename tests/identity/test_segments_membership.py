@@ -24,7 +24,6 @@ from tests.identity.test_segments_support import (
     attr,
     create_segment,
     event,
-    eventually,
     member_external_ids,
     member_of,
     stored_events,
@@ -33,6 +32,7 @@ from tests.identity.test_segments_support import (
     ts,
     upsert,
 )
+from tests.polling import eventually
 
 ENTERED = IdentityChange.KIND_SEGMENT_ENTERED
 EXITED = IdentityChange.KIND_SEGMENT_EXITED

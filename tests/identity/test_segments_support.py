@@ -6,9 +6,7 @@ with a deadline (the maintainer applies changes asynchronously, within a second 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +18,7 @@ from tidings.identity.v1 import user_pb2
 from tests.conftest import unique_name
 from tests.identity.conftest import TestApp
 from tests.identity.support import b, ext, n, s
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub
@@ -152,24 +151,6 @@ async def upsert(
         pb.UpsertUserRequest(ref=ext(external_id), user=user), metadata=app.server
     )
     return str(response.user.user_id)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]],
-    accept: Callable[[T], bool],
-    *,
-    within: float = 20.0,
-    what: str = "condition",
-) -> T:
-    """Poll ``check`` until ``accept`` holds for its result; returns that result."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if accept(result):
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {within}s; last: {result!r}")
-        await asyncio.sleep(0.05)
 
 
 async def track(

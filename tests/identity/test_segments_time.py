@@ -32,12 +32,12 @@ from tests.identity.test_segments_support import (
     attr,
     create_segment,
     event,
-    eventually,
     member_external_ids,
     member_of,
     track,
     upsert,
 )
+from tests.polling import eventually
 
 ENTERED = IdentityChange.KIND_SEGMENT_ENTERED
 EXITED = IdentityChange.KIND_SEGMENT_EXITED

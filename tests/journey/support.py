@@ -7,10 +7,9 @@ test counts exactly the send requests its journeys produced (by idempotency key)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,20 +125,6 @@ def error_domain(status: status_pb2.Status) -> str:
 
 
 # -- polling ------------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], *, within: float = 30.0, what: str = "condition"
-) -> T:
-    """Poll ``check`` until it returns something truthy (or raise with its last answer)."""
-    deadline = time.monotonic() + within
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last  # type: ignore[no-any-return]
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"{what} not met within {within}s; last: {last!r}")
 
 
 # -- the feed of send requests ----------------------------------------------------------------

@@ -9,8 +9,9 @@ from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
 
 from tests.identity.conftest import TestApp
-from tests.journey.support import SendFeed, create_active, definition, eventually, exit_node, send
+from tests.journey.support import SendFeed, create_active, definition, exit_node, send
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 
 async def test_all_contacts_enter_once_and_the_job_reports_progress(

@@ -20,7 +20,8 @@ from services.journey.settings import JourneySettings
 from services.runtime.db import create_pool
 from services.runtime.migrations import migrate, sources_for
 from tests.conftest import temporary_database
-from tests.journey.support import definition, eventually, exit_node
+from tests.journey.support import definition, exit_node
+from tests.polling import eventually
 
 APP = "app-loop"
 JOURNEY = uuid.UUID("00000000-0000-4000-8000-0000000000b1")

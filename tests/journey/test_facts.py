@@ -17,7 +17,6 @@ from tests.journey.support import (
     create_active,
     definition,
     event_entry,
-    eventually,
     exit_node,
     node,
     publish_receipts,
@@ -28,6 +27,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_lifecycle import state
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 
 async def track(users: Any, app: TestApp, *events: tuple[str, str, dict[str, Any], str]) -> None:

@@ -19,7 +19,6 @@ from tests.journey.support import (
     create_active,
     definition,
     delay,
-    eventually,
     exit_node,
     node,
     seconds,
@@ -27,6 +26,7 @@ from tests.journey.support import (
     struct,
 )
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 
 def wait_for(name: str, wiring: dict[str, str], wait_seconds: float = 3600) -> jpb.Node:

@@ -34,7 +34,6 @@ from tests.journey.support import (
     SendFeed,
     create_active,
     definition,
-    eventually,
     exit_node,
     node,
     seconds,
@@ -42,6 +41,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_lifecycle import add, state
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 
 def s(value: str) -> user_pb2.AttributeValue:

@@ -16,10 +16,10 @@ from tests.journey.support import (
     create_active,
     definition,
     error_domain,
-    eventually,
     exit_node,
     send,
 )
+from tests.polling import eventually
 
 
 async def make_users(users: Any, app: TestApp, count: int, **fields: Any) -> list[str]:

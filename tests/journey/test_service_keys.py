@@ -24,7 +24,6 @@ from tests.journey.support import (
     SendFeed,
     create_active,
     definition,
-    eventually,
     exit_node,
     journey_process,
     journey_stub,
@@ -34,6 +33,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_lifecycle import add
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 KEY_NAME = "tidings-journey"
 

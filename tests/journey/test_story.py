@@ -45,7 +45,6 @@ from tests.journey.support import (
     create_active,
     definition,
     event_entry,
-    eventually,
     exit_node,
     journey_process,
     journey_stub,
@@ -54,6 +53,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_customers import _upload
 from tests.journey.test_facts import track
+from tests.polling import eventually
 
 ACCOUNT_SID = "AC" + "0" * 32
 CUSTOMERS = 6

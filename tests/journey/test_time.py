@@ -29,7 +29,6 @@ from tests.journey.support import (
     create_active,
     definition,
     delay,
-    eventually,
     exit_node,
     journey_process,
     journey_stub,
@@ -38,6 +37,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_lifecycle import add, state
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 DAY = 86_400
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -57,22 +55,3 @@ async def read_all(
         return records
     finally:
         await consumer.stop()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
-    *,
-    within: float = 20.0,
-    interval: float = 0.05,
-    message: str = "condition",
-) -> None:
-    """Poll ``check`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"{message} not reached within {within}s"
-        await asyncio.sleep(interval)

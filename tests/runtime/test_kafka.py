@@ -26,7 +26,8 @@ from services.runtime.kafka import (
     kafka_reachable,
 )
 from tests.conftest import create_topic, unique_name
-from tests.runtime.kafka_helpers import eventually, read_all
+from tests.polling import eventually
+from tests.runtime.kafka_helpers import read_all
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,7 @@ async def consume_until(
     """Run ``consumer`` in a task until ``done`` saw ``count`` records; returns the task."""
     task = asyncio.create_task(consumer.run())
     await eventually(
-        lambda: len(done.records) >= count or task.done(), message=f"{count} records consumed"
+        lambda: len(done.records) >= count or task.done(), what=f"{count} records consumed"
     )
     if task.done():
         task.result()  # surface a crash

@@ -37,7 +37,8 @@ from services.runtime.outbox import (
     enqueue_many,
 )
 from tests.conftest import create_topic, temporary_database, unique_name
-from tests.runtime.kafka_helpers import eventually, partitions_of, read_all
+from tests.polling import eventually
+from tests.runtime.kafka_helpers import partitions_of, read_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +120,7 @@ async def drained(pool: asyncpg.Pool) -> None:
     async def empty() -> bool:
         return await outbox_size(pool) == 0
 
-    await eventually(empty, within=30, message="outbox drained")
+    await eventually(empty, within=30, what="outbox drained")
 
 
 async def assert_exactly_once_in_order(
@@ -241,7 +242,7 @@ async def test_commit_to_kafka_latency_is_well_under_a_second(
     latencies: list[float] = []
     try:
         consumer.assign(tps)
-        await eventually(lambda: relay.is_leader, message="relay leads")
+        await eventually(lambda: relay.is_leader, what="relay leads")
         for seq in range(10):
             async with pool.acquire() as conn, conn.transaction():
                 await enqueue(conn, topic, "user-1", make_event(1, seq))
@@ -286,14 +287,14 @@ async def test_two_relays_elect_one_leader_and_fail_over(
         )
     )
     try:
-        await eventually(lambda: any(r.is_leader for r in relays), message="a leader")
+        await eventually(lambda: any(r.is_leader for r in relays), what="a leader")
         first = next(i for i, r in enumerate(relays) if r.is_leader)
         await asyncio.sleep(random.uniform(0.1, 0.4))  # a random moment, not a wait
         # The leader goes away mid-stream (a rolling deploy); the standby must take over.
         await relays[first].stop()
         await running[first]
         other = 1 - first
-        await eventually(lambda: relays[other].is_leader, message="the standby takes over")
+        await eventually(lambda: relays[other].is_leader, what="the standby takes over")
         # ...and publishes what is written after the failover too.
         await asyncio.sleep(random.uniform(0.1, 0.3))
         enough.set()
@@ -354,7 +355,7 @@ async def test_zombie_leader_is_fenced_and_its_batch_published_once(
     successor = OutboxRelay(other_pool, kafka_bootstrap, service=service, standby_retry=0.05)
     successor_running: asyncio.Task[None] | None = None
     try:
-        await eventually(lambda: zombie.is_leader, message="first relay leads")
+        await eventually(lambda: zombie.is_leader, what="first relay leads")
         expected = [make_event(w, s) for w in range(4) for s in range(50)]
         async with pool.acquire() as conn, conn.transaction():
             await enqueue_many(conn, topic, [(e.user_id, e) for e in expected])
@@ -365,11 +366,11 @@ async def test_zombie_leader_is_fenced_and_its_batch_published_once(
         pid = await relay_lock_holder(pool)
         assert pid is not None
         await pool.execute("SELECT pg_terminate_backend($1)", pid)
-        await eventually(lambda: successor.is_leader, message="the standby takes over")
+        await eventually(lambda: successor.is_leader, what="the standby takes over")
         await drained(pool)
         # The zombie wakes up and commits: the broker refuses, its batch stays aborted.
         zombie.go_on.set()
-        await eventually(lambda: not zombie.is_leader, message="the zombie steps down")
+        await eventually(lambda: not zombie.is_leader, what="the zombie steps down")
     finally:
         zombie.go_on.set()
         await zombie.stop()
@@ -459,7 +460,7 @@ async def test_relay_killed_at_random_moments_still_publishes_exactly_once(
             async def progressed(baseline: int = before) -> bool:
                 return await published(kafka_bootstrap, topic.name) > baseline
 
-            await eventually(progressed, message="the relay publishes")
+            await eventually(progressed, what="the relay publishes")
             await asyncio.sleep(random.uniform(0, 0.3))  # a random moment, not a wait
             assert not writing.done()
             await relays[-1].kill()
