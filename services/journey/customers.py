@@ -40,6 +40,7 @@ from services.runtime.errors import (
     NotFound,
     Unavailable,
 )
+from services.runtime.streams import confirm_stream_end
 
 __all__ = [
     "UploadResult",
@@ -262,6 +263,8 @@ async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         *complete, pending = pending.split("\n")
         for line in complete:
             yield line.rstrip("\r")
+    # The last batch and an unterminated last line are only whole if the client finished.
+    await confirm_stream_end()
     pending += decoder.decode(b"", final=True)
     if pending.strip():
         yield pending.rstrip("\r")

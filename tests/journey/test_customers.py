@@ -35,6 +35,7 @@ from tests.journey.support import (
 )
 from tests.journey.test_lifecycle import add
 from tests.journey.test_send_flow import make_users
+from tests.polling import eventually
 
 
 async def _upload(
@@ -98,6 +99,63 @@ async def test_a_csv_upload_enters_known_customers_once(
     assert bad.fields == ["options.id_column"]
     kind = await failure(_upload(journeys, app, journey.journey_id, csv, "file-3", id_kind="email"))
     assert (kind.code, kind.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["options.id_kind"])
+
+
+async def test_an_upload_cut_off_mid_line_never_enters_the_line_cut_short(
+    journeys: Any, users: Any, app: TestApp
+) -> None:
+    # The file's last line names "<cut>7"; the upload breaks off after "<cut>", which names
+    # another customer. grpc.aio ends the request stream when the client goes away just as when
+    # it finished sending: that partial line must not be taken for a whole one.
+    cut = new_id("cut")
+    await users.BatchUpsertUsers(
+        ipb.BatchUpsertUsersRequest(
+            requests=[ipb.UpsertUserRequest(ref=ext(e)) for e in (cut, f"{cut}7")]
+        ),
+        metadata=app.server,
+    )
+    first = [new_id("row") for _ in range(1000)]  # one whole batch: entered before the cut
+    await users.BatchUpsertUsers(
+        ipb.BatchUpsertUsersRequest(requests=[ipb.UpsertUserRequest(ref=ext(e)) for e in first]),
+        metadata=app.server,
+    )
+    journey = await create_active(
+        journeys, app.server, definition(send("hi", next="end"), exit_node())
+    )
+    whole = "customerId\n" + "".join(f"{e}\n" for e in first) + f"{cut}7\n"
+    options = pb.UploadCustomersOptions(journey_id=journey.journey_id, request_id="cut-file")
+    never = asyncio.Event()
+
+    async def cut_off() -> AsyncIterator[pb.UploadCustomersRequest]:
+        yield pb.UploadCustomersRequest(options=options)
+        yield pb.UploadCustomersRequest(chunk=whole[: whole.rindex("7")].encode())
+        await never.wait()
+
+    def state(external_id: str) -> Any:
+        request = pb.GetCustomerStateRequest(
+            journey_id=journey.journey_id, customer=ext(external_id)
+        )
+        return journeys.GetCustomerState(request, metadata=app.server)
+
+    async def entered(external_id: str) -> bool:
+        try:
+            await state(external_id)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
+
+    call = journeys.UploadCustomers(cut_off(), metadata=app.server)
+    # The first 1,000 rows are in: the server has read the chunk, "<cut>" included.
+    await eventually(lambda: entered(first[-1]), within=30, what="the first batch entered")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    again = await _upload(journeys, app, journey.journey_id, whole.encode(), "cut-file")
+    assert (again.rows, again.entered, again.rejected) == (1001, 1, 1000)
+    assert await entered(f"{cut}7")
+    assert not await entered(cut)
 
 
 async def test_concurrent_entries_under_a_concurrency_limit_neither_deadlock_nor_overfill(
