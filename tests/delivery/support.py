@@ -3,7 +3,6 @@ send options, waiting for a message's status, and a feed of ``delivery.receipts`
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from services.runtime.kafka import DELIVERY_RECEIPTS
 from tests.conftest import KAFKA_BOOTSTRAP
 from tests.e2e.processes import free_port
 from tests.identity.conftest import TestApp, bearer
+from tests.polling import eventually
 from tests.runtime.kafka_helpers import partitions_of
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
@@ -201,24 +201,26 @@ class DeliveryHarness:
         self, message_id: str, *statuses: int, within: float = 30.0
     ) -> message_pb2.Message:
         """Poll GetMessage until the message reaches one of ``statuses``."""
-        deadline = time.monotonic() + within
-        while True:
+
+        async def current() -> message_pb2.Message | None:
             try:
-                message = await self.message(message_id)
+                return await self.message(message_id)
             except grpc.aio.AioRpcError as error:
                 # A fan-out record's message exists once a worker has read it.
-                if error.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-                await asyncio.sleep(0.1)
-                continue
-            if message.status in statuses:
-                return message
-            if time.monotonic() > deadline:
-                names = [S.MessageStatus.Name(s) for s in statuses]  # type: ignore[arg-type]
-                raise TimeoutError(
-                    f"message is {S.MessageStatus.Name(message.status)}, not {names}: {message}"
-                )
-            await asyncio.sleep(0.1)
+                return None
+
+        names = [S.MessageStatus.Name(s) for s in statuses]  # type: ignore[arg-type]
+        message = await eventually(
+            current,
+            lambda found: found is not None and found.status in statuses,
+            within=within,
+            interval=0.1,
+            what=f"message {message_id} in {names}",
+        )
+        assert message is not None
+        return message
 
 
 class ReceiptFeed:

@@ -3,9 +3,7 @@ one message per user, cancellation."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,25 +18,31 @@ from tidings.identity.v1 import subscription_pb2 as spb
 from tests.delivery.sink import Sink
 from tests.delivery.support import DeliveryHarness, by_id, ext, inline, webhook
 from tests.identity.support import failure
+from tests.polling import eventually
 
 B = broadcast_pb2.Broadcast
 WEBHOOK = channel_pb2.CHANNEL_WEBHOOK
 BODY = '{"user": "{{ user.user_id }}", "code": "{{ data.code | default: \'none\' }}"}'
 
 
+async def _get(harness: DeliveryHarness, broadcast_id: str) -> broadcast_pb2.Broadcast:
+    return await harness.delivery.GetBroadcast(  # type: ignore[no-any-return]
+        dpb.GetBroadcastRequest(broadcast_id=broadcast_id), metadata=harness.server
+    )
+
+
 async def _wait_done(
     harness: DeliveryHarness, broadcast_id: str, total: int
 ) -> broadcast_pb2.Broadcast:
-    deadline = time.monotonic() + 60
-    while True:
-        found = await harness.delivery.GetBroadcast(
-            dpb.GetBroadcastRequest(broadcast_id=broadcast_id), metadata=harness.server
-        )
-        if found.state != B.STATE_FANNING_OUT and found.sent_count + found.failed_count >= total:
-            return found  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"broadcast not done: {found}")
-        await asyncio.sleep(0.2)
+    return await eventually(
+        lambda: _get(harness, broadcast_id),
+        lambda found: (
+            found.state != B.STATE_FANNING_OUT and found.sent_count + found.failed_count >= total
+        ),
+        within=60,
+        interval=0.2,
+        what="the broadcast done",
+    )
 
 
 def _broadcast(sink: Sink, audience: broadcast_pb2.Audience) -> broadcast_pb2.Broadcast:
@@ -251,10 +255,13 @@ async def test_resumed_segment_fan_out_starts_after_the_last_published_member(
         ),
         metadata=harness.server,
     )
-    deadline = time.monotonic() + 30
-    while len(await _members(harness, segment.segment_id)) != 4:
-        assert time.monotonic() < deadline, "the lowest member did not leave"
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: _members(harness, segment.segment_id),
+        lambda found: len(found) == 4,
+        within=30,
+        interval=0.1,
+        what="the lowest member leaving",
+    )
     # The row as a fan-out that stopped after its first page (ids[0], ids[1]) leaves it.
     broadcast_id = uuid.uuid4()
     conn = await asyncpg.connect(harness.database_url)
@@ -294,15 +301,13 @@ async def test_unknown_segment_fails_the_broadcast(harness: DeliveryHarness, sin
         ),
         metadata=harness.server,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        found = await harness.delivery.GetBroadcast(
-            dpb.GetBroadcastRequest(broadcast_id=created.broadcast_id), metadata=harness.server
-        )
-        if found.state == B.STATE_FAILED:
-            break
-        assert time.monotonic() < deadline, found
-        await asyncio.sleep(0.2)
+    found = await eventually(
+        lambda: _get(harness, created.broadcast_id),
+        lambda found: found.state == B.STATE_FAILED,
+        within=30,
+        interval=0.2,
+        what="the broadcast failed",
+    )
     assert "segment" in found.error
 
 
@@ -413,15 +418,13 @@ async def test_cancel_fails_waiting_messages_and_keeps_sent_ones(
         ),
         metadata=harness.server,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        found = await harness.delivery.GetBroadcast(
-            dpb.GetBroadcastRequest(broadcast_id=waiting.broadcast_id), metadata=harness.server
-        )
-        if found.deferred_count == 3:
-            break
-        assert time.monotonic() < deadline, found
-        await asyncio.sleep(0.2)
+    await eventually(
+        lambda: _get(harness, waiting.broadcast_id),
+        lambda found: found.deferred_count == 3,
+        within=30,
+        interval=0.2,
+        what="three messages deferred",
+    )
     cancelled = await harness.delivery.CancelBroadcast(
         dpb.CancelBroadcastRequest(broadcast_id=waiting.broadcast_id), metadata=harness.server
     )

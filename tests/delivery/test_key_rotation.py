@@ -3,9 +3,6 @@ re-seals every stored credential and identity key so the old material can be dro
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import asyncpg
 import pytest
 
@@ -17,6 +14,7 @@ from services.runtime.service_keys import SEALED as IDENTITY_KEYS
 from tests.conftest import temporary_database
 from tests.delivery.support import delivery_env
 from tests.e2e.processes import ServiceProcess, running_service
+from tests.polling import eventually
 
 OLD, NEW = "old-delivery-material", "new-delivery-material"
 
@@ -66,6 +64,14 @@ async def _open_with(conn: asyncpg.Connection, box: SecretBox, app_id: str) -> l
     ]
 
 
+async def _resealed(conn: asyncpg.Connection, app_id: str) -> list[bytes] | None:
+    """The secrets opened with the new material alone; None while any is sealed with the old."""
+    try:
+        return await _open_with(conn, SecretBox(NEW), app_id)
+    except SecretBoxError:
+        return None
+
+
 async def test_the_running_service_reseals_stored_secrets_with_the_new_key(
     identity_service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -87,14 +93,13 @@ async def test_the_running_service_reseals_stored_secrets_with_the_new_key(
                 env=rotating_env,
             ) as service:
                 await service.wait_serving()
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        opened = await _open_with(conn, SecretBox(NEW), "app-rotating")
-                        break
-                    except SecretBoxError:
-                        assert time.monotonic() < deadline, "secrets not re-sealed in 30 s"
-                        await asyncio.sleep(0.2)
+                opened: list[bytes] | None = await eventually(
+                    lambda: _resealed(conn, "app-rotating"),
+                    lambda found: found is not None,
+                    within=30,
+                    interval=0.2,
+                    what="secrets re-sealed with the new key",
+                )
             assert opened == [b'{"bot_token": "123:abc"}', b"tdg_secret"]
             # Nothing is left for the old key: it can be dropped from the setting.
             box = SecretBox(f"{NEW},{OLD}")

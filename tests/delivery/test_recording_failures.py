@@ -4,8 +4,6 @@ failing it gives the claimed rows up to the scheduler instead of holding them ``
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +16,7 @@ from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 from services.delivery.leases import LIVE_LEASE
 from tests.delivery.sink import Sink
 from tests.delivery.support import DeliveryHarness, ReceiptFeed, by_id, inline, webhook
+from tests.polling import eventually
 
 S = message_pb2
 WEBHOOK = channel_pb2.CHANNEL_WEBHOOK
@@ -106,10 +105,10 @@ async def test_a_recording_that_keeps_failing_gives_the_row_up_to_the_scheduler(
         )
         [result] = response.results
         await sink.wait_for(1)
+
         # Still "sending" (the answer could not be recorded), but no longer under a live
         # lease: the scheduler's stuck-send rule now applies to it.
-        deadline = time.monotonic() + 30
-        while True:
+        async def released() -> bool:
             row = await induced.conn.fetchrow(
                 f"""
                 SELECT state, {LIVE_LEASE.format(claimed_by="claimed_by")} AS leased
@@ -119,10 +118,11 @@ async def test_a_recording_that_keeps_failing_gives_the_row_up_to_the_scheduler(
             )
             assert row is not None
             assert row["state"] == "sending"
-            if not row["leased"]:
-                break
-            assert time.monotonic() < deadline, "the lease of the stuck row was never released"
-            await asyncio.sleep(0.2)
+            return not row["leased"]
+
+        await eventually(
+            released, within=30, interval=0.2, what="the lease of the stuck row released"
+        )
         # The worker claims again under a new lease: the next message is sent and recorded.
         other = await harness.user()
         again = await harness.send(

@@ -4,7 +4,6 @@ channel's rate limit holds for the group, not per worker."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import time
@@ -25,6 +24,7 @@ from tests.delivery.sink import Sink
 from tests.delivery.support import by_id, delivery_env, ext, inline, struct, webhook
 from tests.e2e.processes import ServiceProcess, start_service
 from tests.identity.conftest import TestApp
+from tests.polling import eventually
 
 B = broadcast_pb2.Broadcast
 
@@ -70,10 +70,13 @@ async def _workers(
     finally:
         await conn.close()
     group = f"delivery.workers.{instance}"
-    deadline = time.monotonic() + 60
-    while await _group_members(group) != count:
-        assert time.monotonic() < deadline, "the workers never formed one group"
-        await asyncio.sleep(0.5)
+    await eventually(
+        lambda: _group_members(group),
+        lambda members: members == count,
+        within=60,
+        interval=0.5,
+        what="the workers forming one group",
+    )
     return processes
 
 
@@ -113,15 +116,18 @@ async def _broadcast(
 async def _until_settled(
     delivery: object, app: TestApp, broadcast_id: str, total: int, within: float = 90
 ) -> broadcast_pb2.Broadcast:
-    deadline = time.monotonic() + within
-    while True:
-        found = await delivery.GetBroadcast(  # type: ignore[attr-defined]
+    async def current() -> broadcast_pb2.Broadcast:
+        return await delivery.GetBroadcast(  # type: ignore[attr-defined,no-any-return]
             dpb.GetBroadcastRequest(broadcast_id=broadcast_id), metadata=app.server
         )
-        if found.sent_count + found.failed_count >= total:
-            return found  # type: ignore[no-any-return]
-        assert time.monotonic() < deadline, f"not settled: {found}"
-        await asyncio.sleep(0.3)
+
+    return await eventually(
+        current,
+        lambda found: found.sent_count + found.failed_count >= total,
+        within=within,
+        interval=0.3,
+        what="the broadcast settled",
+    )
 
 
 @pytest.fixture

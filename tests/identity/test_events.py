@@ -10,8 +10,6 @@ before it has been through the consumer.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,6 +28,7 @@ from tidings.identity.v1.user_ref_pb2 import UserRef
 
 from services.runtime.kafka import IDENTITY_EVENTS, Producer
 from tests.conftest import KAFKA_BOOTSTRAP
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     # Only for annotations: imported at run time, pytest would try to collect TestApp.
@@ -91,13 +90,11 @@ async def track(
 
 async def poll(check: Callable[[], Awaitable[T | None]], what: str) -> T:
     """Poll ``check`` until it returns something other than None, up to the deadline."""
-    deadline = time.monotonic() + STORE_DEADLINE_S
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        assert time.monotonic() < deadline, f"no {what} within {STORE_DEADLINE_S}s"
-        await asyncio.sleep(0.02)
+    result: T | None = await eventually(
+        check, lambda found: found is not None, within=STORE_DEADLINE_S, interval=0.02, what=what
+    )
+    assert result is not None
+    return result
 
 
 async def list_pages(stub: Stub, app: TestApp, request: pb.ListEventsRequest) -> list[list[Any]]:

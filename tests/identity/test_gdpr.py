@@ -8,9 +8,7 @@ lower, against a migrated scratch database, erasure leaves no row of the user in
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -33,6 +31,7 @@ from services.runtime.errors import NotFound
 from services.runtime.migrations import migrate, sources_for
 from tests.identity.conftest import TestApp as AppKeys
 from tests.identity.support import ChangeFeed, by_alias, by_id, ext, failure, new_id, s
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import (
@@ -75,15 +74,15 @@ async def _track(
 async def _wait_stored(
     stub: IdentityServiceStub, app: AppKeys, ref: user_ref_pb2.UserRef, event_ids: set[str]
 ) -> None:
-    deadline = time.monotonic() + STORE_DEADLINE_S
-    while True:
+    async def stored() -> set[str]:
         listed = await stub.ListEvents(
             pb.ListEventsRequest(user=ref, page_size=1000), metadata=app.server
         )
-        if event_ids <= {e.event_id for e in listed.events}:
-            return
-        assert time.monotonic() < deadline, "tracked events were not stored in time"
-        await asyncio.sleep(0.05)
+        return {e.event_id for e in listed.events}
+
+    await eventually(
+        stored, lambda found: event_ids <= found, within=STORE_DEADLINE_S, what="events stored"
+    )
 
 
 async def test_export_then_erase(identity_stub: IdentityServiceStub, app: AppKeys) -> None:

@@ -25,6 +25,7 @@ from tests.e2e.processes import ServiceProcess, start_service
 from tests.identity.conftest import TestApp, create_test_app
 from tests.identity.import_support import NUMBER, Job, attribute, options, standard
 from tests.identity.support import new_id
+from tests.polling import eventually
 
 if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub
@@ -75,19 +76,26 @@ async def _job(stub: IdentityServiceAsyncStub, app: TestApp, import_id: str) -> 
     return job
 
 
+async def _recorded(stub: IdentityServiceAsyncStub, app: TestApp, import_id: str) -> Job | None:
+    """The job, or None while it is not recorded yet."""
+    try:
+        return await _job(stub, app, import_id)
+    except grpc.aio.AioRpcError:
+        return None
+
+
 async def _wait_job(
     stub: IdentityServiceAsyncStub, app: TestApp, import_id: str, state: int, within: float = 30
 ) -> Job:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        try:
-            job = await _job(stub, app, import_id)
-            if job.state == state:
-                return job
-        except grpc.aio.AioRpcError:
-            pass  # the job is not recorded yet
-        assert asyncio.get_running_loop().time() < deadline, f"job {import_id} never {state}"
-        await asyncio.sleep(0.02)
+    job = await eventually(
+        lambda: _recorded(stub, app, import_id),
+        lambda job: job is not None and job.state == state,
+        within=within,
+        interval=0.02,
+        what=f"job {import_id} in state {state}",
+    )
+    assert job is not None
+    return job
 
 
 async def _count_users(stub: IdentityServiceAsyncStub, app: TestApp) -> int:
@@ -152,13 +160,12 @@ async def test_a_process_killed_mid_upload_leaves_a_failed_job_and_rerunning_lan
         async with _identity(dsn, tmp_path) as run:
             hold = asyncio.Event()
             call = await _upload(run.stub, run.app, import_id, data, hold)
-            deadline = asyncio.get_running_loop().time() + 30
-            while True:
-                job = await _wait_job(run.stub, run.app, import_id, Job.STATE_RECEIVING)
-                if job.rows > 0:
-                    break
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: _recorded(run.stub, run.app, import_id),
+                lambda job: job is not None and job.state == Job.STATE_RECEIVING and job.rows > 0,
+                within=30,
+                what=f"job {import_id} receiving its first rows",
+            )
             await run.service.kill()
             hold.set()
             with pytest.raises(grpc.aio.AioRpcError) as broken:

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ from tests.identity.support import (
     push,
     record,
 )
+from tests.polling import eventually
 
 if TYPE_CHECKING:  # the async stub types exist only in the generated type stubs
     from tidings.identity.v1.apps_service_pb2_grpc import AppsServiceAsyncStub
@@ -228,15 +228,15 @@ async def test_login_merges_the_anonymous_profile_into_the_known_user(
 async def _until_event_stored(
     identity_stub: Stub, app: TestApp, user: UserRef, event_id: str
 ) -> None:
-    deadline = time.monotonic() + 20
-    while True:
+    async def stored() -> set[str]:
         listed = await identity_stub.ListEvents(
             pb.ListEventsRequest(user=user), metadata=app.server
         )
-        if event_id in {e.event_id for e in listed.events}:
-            return
-        assert time.monotonic() < deadline, "the tracked event was never stored"
-        await asyncio.sleep(0.05)
+        return {e.event_id for e in listed.events}
+
+    await eventually(
+        stored, lambda found: event_id in found, within=20, what="the tracked event stored"
+    )
 
 
 async def _server_key_id(apps_stub: AppsServiceAsyncStub, app: TestApp) -> str:

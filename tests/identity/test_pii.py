@@ -42,6 +42,7 @@ from tests.identity.conftest import TestApp, create_test_app
 from tests.identity.import_support import NUMBER, STRING, attribute, csv_bytes, options, upload
 from tests.identity.support import email, ext, failure, s
 from tests.identity.test_segments_support import Op, attr, count, create_segment, upsert
+from tests.polling import eventually
 
 OLD_KEY = "pii-test-key-old"
 NEW_KEY = "pii-test-key-new"
@@ -422,17 +423,21 @@ async def test_unfinished_flip_is_finished_and_keys_rotate_at_start_up(
         await rotating.wait_serving()
         where = context(app.app_id, before["user_id"], "secret")
         newest = PiiBox(NEW_KEY)
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:
-            now = await stored(identity.dsn, app, "r1")
+
+        def resealed(now: dict[str, Any]) -> bool:
             try:
                 newest.open_value(now["secret"], where)
-                if is_sealed(now["later"]):
-                    break
+                return is_sealed(now["later"])
             except Exception:
-                pass
-            assert asyncio.get_running_loop().time() < deadline, f"not re-sealed: {now}"
-            await asyncio.sleep(0.2)
+                return False
+
+        await eventually(
+            lambda: stored(identity.dsn, app, "r1"),
+            resealed,
+            within=30,
+            interval=0.2,
+            what="the attributes re-sealed with the new key",
+        )
         async with grpc.aio.insecure_channel(rotating.grpc_target) as channel:
             stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
             user = await stub.GetUser(pb.GetUserRequest(ref=ext("r1")), metadata=app.server)

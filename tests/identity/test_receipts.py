@@ -8,8 +8,6 @@ sentinel's effect is visible, everything before it was handled.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -37,6 +35,7 @@ from tests.identity.support import (
     ios_token,
     push,
 )
+from tests.polling import eventually
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
     Stub = identity_service_pb2_grpc.IdentityServiceAsyncStub
@@ -78,15 +77,15 @@ async def until_disabled(
     identity_stub: Stub, app: TestApp, subscription_id: str
 ) -> spb.Subscription:
     """Poll GetSubscription until the subscription is disabled (20 s at most)."""
-    deadline = time.monotonic() + 20
-    while True:
-        found = await identity_stub.GetSubscription(
+
+    async def subscription() -> spb.Subscription:
+        return await identity_stub.GetSubscription(
             pb.GetSubscriptionRequest(subscription_id=subscription_id), metadata=app.server
         )
-        if not found.enabled:
-            return found
-        assert time.monotonic() < deadline, "the receipt was never applied"
-        await asyncio.sleep(0.05)
+
+    return await eventually(
+        subscription, lambda found: not found.enabled, within=20, what="the receipt applied"
+    )
 
 
 async def send(producer: Producer, key: str, *receipts: DeliveryReceipt) -> None:

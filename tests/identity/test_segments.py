@@ -8,7 +8,6 @@ maintainer (facts, history, Explain) in ``test_segments_membership.py``; time pa
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -804,10 +803,9 @@ async def test_members_stream_in_pages_from_one_snapshot(identity_stub: Any, app
         )
         return int(got.member_count)
 
-    deadline = asyncio.get_running_loop().time() + 20
-    while await member_count() != total - 300:
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.05)
+    await eventually(
+        member_count, lambda n: n == total - 300, within=20, what="300 members leaving"
+    )
     streamed = [first]
     while (member := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
         streamed.append(member)

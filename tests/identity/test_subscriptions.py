@@ -4,7 +4,6 @@ token rule, the cap of 20 with push eviction, updates, assignment, tenancy and c
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -51,6 +50,7 @@ from tests.identity.support import (
     record,
     web_push_keys,
 )
+from tests.polling import eventually
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
     Stub = identity_service_pb2_grpc.IdentityServiceAsyncStub
@@ -483,13 +483,12 @@ async def _active_since(
     identity_stub: Stub, app: TestApp, subscription_id: str, since: datetime
 ) -> spb.Subscription:
     """Poll until the subscription's last_active_time is at or after ``since``."""
-    deadline = time.monotonic() + 20
-    while True:
-        current = await get(identity_stub, app, subscription_id)
-        if current.last_active_time.ToDatetime(UTC) >= since:
-            return current
-        assert time.monotonic() < deadline, "the subscription's activity was never recorded"
-        await asyncio.sleep(0.05)
+    return await eventually(
+        lambda: get(identity_stub, app, subscription_id),
+        lambda current: current.last_active_time.ToDatetime(UTC) >= since,
+        within=20,
+        what="the subscription's activity recorded",
+    )
 
 
 async def test_events_tracked_by_a_device_keep_it_from_eviction(
@@ -536,13 +535,15 @@ async def test_events_tracked_by_a_device_keep_it_from_eviction(
 async def _until_listed(
     identity_stub: Stub, app: TestApp, subscription_id: str, event_id: str
 ) -> None:
-    deadline = time.monotonic() + 20
     request = pb.ListEventsRequest(user=UserRef(subscription_id=subscription_id))
-    while event_id not in {
-        e.event_id for e in (await identity_stub.ListEvents(request, metadata=app.server)).events
-    }:
-        assert time.monotonic() < deadline, "the tracked event was never stored"
-        await asyncio.sleep(0.05)
+
+    async def listed() -> set[str]:
+        found = await identity_stub.ListEvents(request, metadata=app.server)
+        return {e.event_id for e in found.events}
+
+    await eventually(
+        listed, lambda found: event_id in found, within=20, what="the tracked event stored"
+    )
 
 
 async def test_login_counts_as_activity(
