@@ -80,6 +80,7 @@ class RateLimits:
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, Channel], TokenBucket] = {}
+        self._configured: dict[tuple[str, Channel], float] = {}
         self._share = 1.0
 
     @property
@@ -90,12 +91,16 @@ class RateLimits:
     def set_share(self, owned: int, total: int) -> None:
         """Take ``owned / total`` of every rate: this worker's partitions of the topic.
 
-        A worker between a revocation and its next assignment keeps at least one partition's
-        share, so a batch it is finishing still sends (slowly) rather than unlimited.
+        Buckets already made are re-rated at once: a batch that holds one while the group
+        rebalances must not go on at the old share beside the worker that took the other
+        partitions. A worker between a revocation and its next assignment keeps one
+        partition's share, so a batch it is finishing still sends (slowly) rather than stalls.
         """
         if total <= 0:
             return
         self._share = min(1.0, max(1, owned) / total)
+        for key, bucket in self._buckets.items():
+            bucket.set_rate(self.rate(key[1], self._configured[key]))
 
     def rate(self, channel: Channel, configured: float) -> float:
         """This worker's calls per second on ``channel``: its share of the configured rate,
@@ -105,10 +110,12 @@ class RateLimits:
     def bucket(self, app_id: str, channel: Channel, configured: float) -> TokenBucket:
         """The bucket of (app, channel) at this worker's rate (``configured`` 0: the provider
         default)."""
+        key = (app_id, channel)
         rate = self.rate(channel, configured)
-        bucket = self._buckets.get((app_id, channel))
+        self._configured[key] = configured
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[(app_id, channel)] = TokenBucket(rate)
+            bucket = self._buckets[key] = TokenBucket(rate)
         elif bucket.rate != rate:
             bucket.set_rate(rate)
         return bucket

@@ -593,13 +593,18 @@ class _ShareListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._report = report
 
     async def on_partitions_revoked(self, revoked: Set[TopicPartition]) -> None:
-        """Nothing: the share changes with the next assignment."""
+        """Report ``(0, total)``: until the next assignment this member owns nothing (a batch
+        it is finishing must not keep the share that another member may now be taking)."""
+        if any(tp.topic == self._topic for tp in revoked):
+            self._report(0, self._total(0))
 
     async def on_partitions_assigned(self, assigned: Set[TopicPartition]) -> None:
         """Report ``(owned, total)``; total from the consumer's metadata."""
         owned = sum(1 for tp in self._consumer.assignment() if tp.topic == self._topic)
-        total = len(self._consumer.partitions_for_topic(self._topic) or ()) or owned
-        self._report(owned, total)
+        self._report(owned, self._total(owned))
+
+    def _total(self, owned: int) -> int:
+        return len(self._consumer.partitions_for_topic(self._topic) or ()) or owned
 
 
 class BatchConsumer(Generic[M]):
@@ -670,7 +675,8 @@ class BatchConsumer(Generic[M]):
             dead_letters: Where undecodable records go.
             auto_offset_reset: Where a group without committed offsets starts.
             on_partitions: Called after each rebalance with (the topic's partitions this member
-                owns, the topic's partitions), for work split by share of the group.
+                owns, the topic's partitions), for work split by share of the group; with
+                (0, partitions) when its partitions are revoked, before the next assignment.
             **kw: Passed on to :class:`aiokafka.AIOKafkaConsumer`.
         """
         self._topic = topic

@@ -63,3 +63,17 @@ def test_a_worker_takes_its_partitions_share_of_each_rate() -> None:
     # Between a revocation and the next assignment: one partition's share, never unlimited.
     limits.set_share(0, 12)
     assert limits.rate(Channel.TELEGRAM, 0) == 2.5
+
+
+def test_a_bucket_in_use_takes_the_new_share_at_once() -> None:
+    # A batch holds its bucket for as long as it sends; when the group rebalances meanwhile,
+    # this worker and the one that took half the partitions must stay at the channel's rate.
+    limits = RateLimits()
+    limits.set_share(12, 12)
+    in_use = limits.bucket("app", Channel.TELEGRAM, 30.0)
+    limits.set_share(0, 12)  # revoked: one partition's share until the next assignment
+    assert in_use.rate == 2.5
+    limits.set_share(6, 12)
+    other = RateLimits()
+    other.set_share(6, 12)
+    assert in_use.rate + other.bucket("app", Channel.TELEGRAM, 30.0).rate == 30.0

@@ -276,3 +276,41 @@ async def test_kafka_probe_keeps_one_client_and_recovers_after_a_failure(
         assert unreachable._admin is None  # dropped, so the next probe starts afresh
     finally:
         await unreachable.close()
+
+
+async def test_a_member_reports_its_share_of_the_partitions_and_none_while_revoked(
+    kafka_bootstrap: str, scratch_topic: str
+) -> None:
+    topic = Topic(scratch_topic, TrackedEvent)
+    group = unique_name("g")
+    reports: dict[str, list[tuple[int, int]]] = {"first": [], "second": []}
+
+    def member(name: str) -> BatchConsumer[TrackedEvent]:
+        return BatchConsumer(
+            kafka_bootstrap,
+            topic,
+            Collector(),
+            group_id=group,
+            service="test",
+            on_partitions=lambda owned, total: reports[name].append((owned, total)),
+        )
+
+    first, second = member("first"), member("second")
+    running = [asyncio.create_task(first.run())]
+    try:
+        await eventually(lambda: reports["first"][-1:] == [(3, 3)], what="the first alone")
+        running.append(asyncio.create_task(second.run()))
+
+        def split() -> bool:
+            mine, theirs = reports["first"][-1:], reports["second"][-1:]
+            return bool(mine and theirs) and mine[0][0] + theirs[0][0] == 3 and mine[0][0] > 0
+
+        await eventually(split, what="the partitions split between the two")
+        # In between, the first member owned nothing: a batch it was finishing then did not
+        # keep the whole share beside the second.
+        after_alone = reports["first"][reports["first"].index((3, 3)) + 1 :]
+        assert after_alone[0] == (0, 3), reports
+    finally:
+        await first.stop()
+        await second.stop()
+        await asyncio.gather(*running)
