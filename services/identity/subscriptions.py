@@ -885,9 +885,14 @@ async def create_subscription(
                 reason="SUBSCRIPTION_ALREADY_EXISTS",
                 field_violations=[FieldViolation("subscription.token", "already registered")],
             )
-        current, users = await _locked(
-            conn, app_id, existing.subscription_id, [] if target is None else [target]
-        )
+        try:
+            current, users = await _locked(
+                conn, app_id, existing.subscription_id, [] if target is None else [target]
+            )
+        except NotFound:
+            raise Retry from None  # deleted meanwhile: the token is free to register anew
+        if (current.type, current.token) != (existing.type, existing.token):
+            raise Retry  # its token changed meanwhile: this one is free to register anew
         holder = current.user_id if target is None else target
         if holder not in users:
             raise _user_not_found(holder)

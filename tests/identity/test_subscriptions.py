@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -973,3 +973,63 @@ async def test_another_apps_keys_do_not_find_this_apps_subscriptions(
     for call in calls:
         assert (await failure(call)).code == grpc.StatusCode.NOT_FOUND
     assert await get(identity_stub, app, sid) == created
+
+
+async def _held_back_while(
+    database: str, change: str, args: tuple[object, ...], register: Any
+) -> Any:
+    """Run ``register`` while another transaction has made ``change`` to the subscription's row
+    and not committed yet; commit it once the registration waits for the row's lock."""
+    conn = await asyncpg.connect(database)
+    watcher = await asyncpg.connect(database)
+    try:
+        async with conn.transaction():
+            await conn.execute(change, *args)
+            registering = asyncio.ensure_future(register())
+
+            async def waiting_for_a_lock() -> bool:
+                return bool(
+                    await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database() AND query ILIKE '%subscriptions%'"
+                    )
+                )
+
+            await eventually(waiting_for_a_lock, what="the registration waiting for the row")
+        return await registering
+    finally:
+        await watcher.close()
+        await conn.close()
+
+
+async def test_registering_a_token_whose_row_is_changing_token_registers_that_token(
+    identity_stub: Stub, app: TestApp, identity_database: str
+) -> None:
+    registration = push(IOS)
+    first = await identity_stub.CreateSubscription(create(registration), metadata=app.server)
+    # UpdateSubscription moves the row to another token while the token is registered again:
+    # the registration must not answer with (and remember) the row of the other token.
+    registered = await _held_back_while(
+        identity_database,
+        "UPDATE subscriptions SET token = $3 WHERE app_id = $1 AND subscription_id = $2::uuid",
+        (app.app_id, first.subscription_id, ios_token()),
+        lambda: identity_stub.CreateSubscription(create(registration), metadata=app.server),
+    )
+    assert registered.token == registration.token
+    assert registered.subscription_id != first.subscription_id
+
+
+async def test_registering_a_token_whose_row_is_being_deleted_creates_it_anew(
+    identity_stub: Stub, app: TestApp, identity_database: str
+) -> None:
+    registration = push(IOS)
+    first = await identity_stub.CreateSubscription(create(registration), metadata=app.server)
+    # The caller named no subscription: a deletion racing it is no reason for NOT_FOUND.
+    registered = await _held_back_while(
+        identity_database,
+        "DELETE FROM subscriptions WHERE app_id = $1 AND subscription_id = $2::uuid",
+        (app.app_id, first.subscription_id),
+        lambda: identity_stub.CreateSubscription(create(registration), metadata=app.server),
+    )
+    assert registered.token == registration.token
+    assert registered.subscription_id != first.subscription_id
