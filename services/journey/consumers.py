@@ -106,6 +106,14 @@ async def _live_apps(runtime: JourneyRuntime) -> set[str]:
     return {app_id for app_id, _ in await runtime.catalog.live()}
 
 
+#: How often a batch of events starts over when a user entered a journey while it was read.
+_LATE_ENTRY_ATTEMPTS = 5
+
+
+class _LateEntry(Exception):
+    """A user entered a journey between reading their journeys and locking their rows."""
+
+
 class EventsHandler:
     """Tracked events: goals, waits, retargeting, event entries."""
 
@@ -121,12 +129,18 @@ class EventsHandler:
             return
         live = await self._runtime.catalog.live()
         now = self._ctx.clock()
-        async with self._ctx.pool.acquire() as conn, conn.transaction():
-            fresh = await claim_new(conn, "journey.events", [e.event_id for e in events])
-            events = [e for e in events if e.event_id in fresh]
-            for round_events in _rounds(events, _entry_events(live)):
-                await self._resolve(conn, round_events, now)
-                await self._enter(conn, round_events, live, now)
+        for attempt in range(_LATE_ENTRY_ATTEMPTS):
+            try:
+                async with self._ctx.pool.acquire() as conn, conn.transaction():
+                    fresh = await claim_new(conn, "journey.events", [e.event_id for e in events])
+                    fresh_events = [e for e in events if e.event_id in fresh]
+                    for round_events in _rounds(fresh_events, _entry_events(live)):
+                        await self._resolve(conn, round_events, now)
+                        await self._enter(conn, round_events, live, now)
+                break
+            except _LateEntry:
+                if attempt == _LATE_ENTRY_ATTEMPTS - 1:
+                    raise  # the consumer retries the batch
         self._runtime.engine.nudge()
 
     async def _resolve(
@@ -139,9 +153,10 @@ class EventsHandler:
         # other way round, each would wait for the other.
         states = await journey_states(conn, await instances_store.journeys_of_users(conn, pairs))
         inside = await instances_store.lock_inside_of_users(conn, pairs)
-        late = {(i.app_id, i.journey_id) for i in inside} - states.keys()
-        if late:  # entered between the two reads (rare): lock those journeys now
-            states.update(await journey_states(conn, late))
+        if {(i.app_id, i.journey_id) for i in inside} - states.keys():
+            # Entered between the two reads (rare): locking that journey now would take it after
+            # its customers, and a Stop holding it while waiting for them would deadlock us.
+            raise _LateEntry
         by_user: dict[tuple[str, uuid.UUID], list[Instance]] = {}
         for inst in inside:
             by_user.setdefault((inst.app_id, inst.user_id), []).append(inst)
