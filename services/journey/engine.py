@@ -633,7 +633,7 @@ class Engine:
         if kind == "exit":
             return "(exit)"
         if kind == "split":
-            return choose_branch(inst.journey_id, inst.user_id, node.split.branches)
+            return choose_branch(inst.journey_id, inst.node_id, inst.user_id, node.split.branches)
         if kind == "wait_for_event":
             return await self._wait_for_event(inst, node.wait_for_event, now)
         if kind == "retarget":

@@ -177,10 +177,22 @@ def test_split_is_deterministic_and_follows_weights() -> None:
     journey = uuid.uuid4()
     branches = [jpb.SplitBranch(output="a", weight=25), jpb.SplitBranch(output="b", weight=75)]
     users = [uuid.uuid4() for _ in range(4000)]
-    first = [choose_branch(journey, u, branches) for u in users]
-    assert first == [choose_branch(journey, u, branches) for u in users]
+    first = [choose_branch(journey, "split", u, branches) for u in users]
+    assert first == [choose_branch(journey, "split", u, branches) for u in users]
     share = first.count("a") / len(first)
     assert 0.21 < share < 0.29
+
+
+def test_two_splits_of_one_journey_choose_independently() -> None:
+    # A 50/50 split, then another 50/50 split: four quarters, not two halves.
+    journey = uuid.uuid4()
+    halves = [jpb.SplitBranch(output="a", weight=1), jpb.SplitBranch(output="b", weight=1)]
+    paths = [
+        (choose_branch(journey, "first", u, halves), choose_branch(journey, "second", u, halves))
+        for u in (uuid.uuid4() for _ in range(4000))
+    ]
+    for path in [("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")]:
+        assert 0.21 < paths.count(path) / len(paths) < 0.29, path
 
 
 def test_whole_day_delays_keep_the_local_wall_time_across_dst() -> None:
