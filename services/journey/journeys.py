@@ -338,7 +338,13 @@ async def activate(
         locked = await journeys_store.lock_journey(conn, app_id, journey_id)
         if locked is None:
             raise not_found(journey_id)
-        if locked.latest_version != row.latest_version or locked.state != row.state:
+        # update_time moves with every edit, a draft rewritten in place included: what was
+        # validated above must be what goes live.
+        if (locked.latest_version, locked.state, locked.update_time) != (
+            row.latest_version,
+            row.state,
+            row.update_time,
+        ):
             raise FailedPrecondition(
                 "the journey changed while it was being activated; try again",
                 reason="JOURNEY_CHANGED",

@@ -40,14 +40,23 @@ async def identity_service(
 
 
 @pytest.fixture(scope="session")
+async def journey_database() -> AsyncIterator[str]:
+    """The DSN of the shared journey process's scratch database (for holding its rows locked
+    to line up a race)."""
+    async with temporary_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
 async def journey_service(
-    identity_service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+    identity_service: ServiceProcess,
+    journey_database: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[ServiceProcess]:
     """Journey as a real process (engine and consumers on) for the whole session."""
-    async with (
-        temporary_database() as dsn,
-        journey_process(identity_service, dsn, tmp_path_factory.mktemp("journey")) as service,
-    ):
+    async with journey_process(
+        identity_service, journey_database, tmp_path_factory.mktemp("journey")
+    ) as service:
         yield service
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from typing import Any
 
+import asyncpg
 import grpc
 import grpc.aio
 from google.protobuf import field_mask_pb2
@@ -157,6 +160,67 @@ async def test_activate_refuses_an_invalid_journey_with_every_problem(
         "JOURNEY_INVALID",
     )
     assert set(refused.fields) == {p.field for p in report.problems}
+
+
+async def test_activate_refuses_a_draft_edited_while_it_was_being_validated(
+    journeys: Any, app: TestApp, journey_database: str
+) -> None:
+    created = await journeys.CreateJourney(
+        pb.CreateJourneyRequest(
+            journey=jpb.Journey(
+                display_name="raced", definition=definition(send("a", next="end"), exit_node())
+            )
+        ),
+        metadata=app.server,
+    )
+    broken = definition(send("a", next="nowhere")).SerializeToString()
+    where = (app.app_id, uuid.UUID(created.journey_id))
+    editor = await asyncpg.connect(journey_database)
+    watcher = await asyncpg.connect(journey_database)
+    try:
+        # An UpdateJourney holds the row while Activate validates the draft it read before:
+        # Activate gets the row only once the edit (in place: still version 1) is committed.
+        async with editor.transaction():
+            await editor.execute(
+                "SELECT 1 FROM journeys WHERE app_id = $1 AND journey_id = $2 FOR UPDATE", *where
+            )
+            activating = asyncio.ensure_future(
+                journeys.ActivateJourney(
+                    pb.ActivateJourneyRequest(journey_id=created.journey_id), metadata=app.server
+                )
+            )
+
+            async def waiting() -> bool:
+                return bool(
+                    await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query ILIKE '%FOR UPDATE OF j%'"
+                    )
+                )
+
+            await eventually(waiting, what="Activate waiting for the journey's row")
+            await editor.execute(
+                "UPDATE journey_versions SET definition = $3"
+                " WHERE app_id = $1 AND journey_id = $2 AND version = 1",
+                *where,
+                broken,
+            )
+            await editor.execute(
+                "UPDATE journeys SET update_time = now() WHERE app_id = $1 AND journey_id = $2",
+                *where,
+            )
+        raced = await failure(activating)
+    finally:
+        await watcher.close()
+        await editor.close()
+    assert (raced.code, raced.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "JOURNEY_CHANGED")
+    # Tried again, the edited draft is validated, and refused for what it is.
+    again = await failure(
+        journeys.ActivateJourney(
+            pb.ActivateJourneyRequest(journey_id=created.journey_id), metadata=app.server
+        )
+    )
+    assert (again.code, again.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "JOURNEY_INVALID")
 
 
 async def test_editing_an_active_journey_makes_a_draft_version_and_insiders_stay(
