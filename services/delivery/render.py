@@ -12,6 +12,11 @@ works as users expect. The variables:
 * ``data``: send-time data (the request's, with per-user data such as CSV columns merged over);
 * ``message``: ``message_id``, ``channel``, ``broadcast_id``, ``requested_at_ms``.
 
+An email's HTML body is rendered with HTML escaping: a variable's value is text, so a first name
+of ``<a href=...>`` shows as written instead of becoming a link in the sender's name (and being
+signed for click tracking); ``{{ value | safe }}`` inserts a value as HTML when the template
+means it. Literal text in the template is the author's, never escaped.
+
 Compiled templates are cached by source (bounded), so a broadcast parses each field once; a
 field made only of text and ``{{ path }}`` / ``{{ path | default: 'text' }}`` outputs renders
 by plain substitution (Liquid's result, without its per-render machinery).
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import liquid
+import markupsafe
 from google.protobuf import json_format, struct_pb2
 from liquid import Environment, StrictDefaultUndefined
 from tidings.delivery.v1 import template_pb2
@@ -112,7 +118,7 @@ class _Simple:
             return None  # tags, filters or other expressions: Liquid renders it
         return cls([part for part in parts if part != ""])
 
-    def render(self, variables: Mapping[str, Any]) -> str | None:
+    def render(self, variables: Mapping[str, Any], *, html: bool = False) -> str | None:
         out: list[str] = []
         for part in self._parts:
             if isinstance(part, str):
@@ -129,7 +135,7 @@ class _Simple:
             if default is not None and (value is _MISSING or value == ""):
                 out.append(default)
             elif type(value) is str or type(value) is int:
-                out.append(str(value))
+                out.append(str(markupsafe.escape(value)) if html else str(value))
             else:
                 return None
         return "".join(out)
@@ -138,8 +144,8 @@ class _Simple:
 class _Env:
     """One Liquid environment and its compiled-template cache."""
 
-    def __init__(self) -> None:
-        self.env = _LimitedEnvironment(undefined=StrictDefaultUndefined)
+    def __init__(self, *, autoescape: bool = False) -> None:
+        self.env = _LimitedEnvironment(undefined=StrictDefaultUndefined, autoescape=autoescape)
         self._cache: OrderedDict[str, tuple[Any, _Simple | None]] = OrderedDict()
 
     def compiled(self, source: str) -> tuple[Any, _Simple | None]:
@@ -159,6 +165,9 @@ class _Env:
 
 
 _ENV = _Env()
+_HTML_ENV = _Env(autoescape=True)
+#: The fields whose rendered text is HTML.
+_HTML_FIELDS = frozenset({"email.html"})
 
 
 def _first_line(exc: Exception) -> str:
@@ -183,10 +192,11 @@ def compile_problem(source: str) -> TemplateSyntaxProblem | None:
 def _render(field: str, source: str, variables: Mapping[str, Any]) -> str:
     if "{" not in source:  # plain text: no parse, no render
         return source
+    html = field in _HTML_FIELDS
     try:
-        template, simple = _ENV.compiled(source)
+        template, simple = (_HTML_ENV if html else _ENV).compiled(source)
         if simple is not None:
-            rendered = simple.render(variables)
+            rendered = simple.render(variables, html=html)
             if rendered is not None:
                 return rendered
         return str(template.render(**variables))

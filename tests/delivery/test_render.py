@@ -131,3 +131,33 @@ def test_a_missing_variable_without_default_fails_on_the_fast_path_too() -> None
         render._render("push.body", "Hi {{ user.nickname }}", _VARIABLES)
     with pytest.raises(RenderError):
         render._render("push.body", "Hi {{ user.first_name ", _VARIABLES)
+
+
+MARKUP = '<a href="https://evil.example/login">Verify</a>'
+
+
+def test_variables_in_email_html_are_escaped_and_elsewhere_are_not() -> None:
+    # A profile value is text: in an email's HTML it must not become a (tracked) link.
+    content = template_pb2.MessageContent(
+        email=template_pb2.EmailContent(
+            subject="Hi {{ user.first_name }}",
+            html=(
+                '<p style="x">Hi {{ user.first_name }}</p>'  # the fast path
+                "<p>{{ user.first_name | upcase }}</p>"  # Liquid
+                "<p>{{ user.nickname | default: '<b>friend</b>' }}</p>"  # the author's text
+                "<div>{{ data.block | safe }}</div>"  # HTML on purpose
+            ),
+            text="Hi {{ user.first_name }}",
+        )
+    )
+    rendered = render_content(
+        content, {"user": {"first_name": MARKUP}, "data": {"block": "<hr>"}}
+    ).email
+    escaped = "&lt;a href=&#34;https://evil.example/login&#34;&gt;Verify&lt;/a&gt;"
+    assert rendered.html == (
+        f'<p style="x">Hi {escaped}</p>'
+        "<p>&lt;A HREF=&#34;HTTPS://EVIL.EXAMPLE/LOGIN&#34;&gt;VERIFY&lt;/A&gt;</p>"
+        "<p><b>friend</b></p>"
+        "<div><hr></div>"
+    )
+    assert rendered.subject == rendered.text == f"Hi {MARKUP}"
