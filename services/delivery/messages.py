@@ -29,6 +29,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 S = message_pb2
 #: How far "along" each status is: engagement never moves a message back.
+#: Engagements a message has once: repeats are answered, not recorded again.
+_ONCE = frozenset({S.MESSAGE_STATUS_UNSUBSCRIBED})
+
 _RANK: dict[int, int] = {
     S.MESSAGE_STATUS_QUEUED: 0,
     S.MESSAGE_STATUS_DEFERRED: 1,
@@ -215,6 +218,8 @@ async def engage(
             message_id,
             status,
         )
+        if count and status in _ONCE:
+            return int(current)  # a repeat (a mail client's POST, then the reader's click)
         await conn.execute(
             "UPDATE messages SET status = $3, update_time = $4 WHERE app_id = $1 "
             "AND message_id = $2",

@@ -101,7 +101,7 @@ class ProviderReports:
     async def _twilio(
         self, target: str, token: str, headers: Mapping[str, str], body: bytes
     ) -> Reply:
-        tracked = self._links.read(token)
+        tracked = self._links.read(token, "p")
         if tracked is None:
             return _NOT_FOUND
         credentials = await self._credentials(tracked.app_id, Channel.SMS)

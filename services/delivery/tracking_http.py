@@ -21,19 +21,52 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from html import escape
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from tidings.delivery.v1 import message_pb2
 
 from services.delivery.identity_client import IdentityClient
 from services.delivery.messages import engage
 from services.delivery.reports_http import ProviderReports
-from services.delivery.tracking import Tracked, TrackingLinks
+from services.delivery.tracking import Purpose, Tracked, TrackingLinks
 from services.runtime.app import ServiceContext
 from services.runtime.errors import DomainError
 
-__all__ = ["TrackingServer"]
+__all__ = ["TrackingServer", "header_url"]
 
 log = logging.getLogger(__name__)
+
+_PURPOSES: dict[str, Purpose] = {"c": "c", "o": "o", "u": "u"}
+#: What percent-encoding leaves as it is in a URL: its delimiters and existing escapes.
+_URL_SAFE = "/:@!$&'()*+,;=%?~#[]"
+
+
+def header_url(url: str) -> str:
+    """``url`` as an HTTP header value: no CR/LF, and only ASCII (an IDNA host, the rest
+    percent-encoded as UTF-8), so a link to ``https://tienda.example/ofertas/10€`` redirects."""
+    url = url.replace("\r", "").replace("\n", "")
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = quote(host, safe="")
+        netloc = f"{quote(userinfo, safe=':%')}{at}{host}{colon}{port}"
+    return urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            quote(parts.path, safe=_URL_SAFE),
+            quote(parts.query, safe=_URL_SAFE),
+            quote(parts.fragment, safe=_URL_SAFE),
+        )
+    )
+
 
 _PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _MAX_HEAD = 16 * 1024
@@ -167,16 +200,16 @@ class TrackingServer:
     ) -> tuple[int, str, bytes, dict[str, str] | None]:
         path = target.split("?", 1)[0]
         kind, _, token = path.lstrip("/").partition("/")
-        tracked = self._links.read(token) if token else None
-        if kind not in ("c", "o", "u") or tracked is None or (kind == "c" and not tracked.url):
+        purpose = _PURPOSES.get(kind)
+        tracked = self._links.read(token, purpose) if token and purpose else None
+        if tracked is None or (kind == "c" and not tracked.url):
             return 404, "text/plain", b"not found", None
         now = self._ctx.clock()
         if kind == "c":
             if method not in ("GET", "HEAD"):
                 return 405, "text/plain", b"method not allowed", None
             await self._record(tracked, message_pb2.MESSAGE_STATUS_CLICKED, now, url=tracked.url)
-            location = tracked.url.replace("\r", "").replace("\n", "")
-            return 302, "text/plain", b"", {"Location": location}
+            return 302, "text/plain", b"", {"Location": header_url(tracked.url)}
         if kind == "o":
             await self._record(tracked, message_pb2.MESSAGE_STATUS_OPENED, now)
             return 200, "image/gif", _PIXEL, None

@@ -5,6 +5,7 @@ Each becomes a timeline entry and a delivery.receipts fact."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import uuid
 
@@ -15,13 +16,18 @@ from tidings.events.v1.delivery_receipt_pb2 import DeliveryReceipt
 from tidings.identity.v1 import identity_service_pb2 as ipb
 from tidings.identity.v1 import subscription_pb2 as spb
 
+from services.delivery.secrets_box import SecretBox
+from services.delivery.tracking import Tracked, TrackingLinks
 from tests.delivery.providers.fakes.smtp import FakeSmtpServer
 from tests.delivery.sink import Sink
 from tests.delivery.support import DeliveryHarness, ReceiptFeed, by_id, ext, inline, struct, webhook
 from tests.identity.support import failure
 
 S = message_pb2
-HTML = '<html><body><p>Hi</p><a href="https://shop.example/sale?x=1&amp;y=2">Sale</a></body></html>'
+HTML = (
+    '<html><body><p>Hi</p><a href="https://shop.example/sale?x=1&amp;y=2">Sale</a>'
+    '<a href="https://tienda.example/ofertas/10€">Oferta</a></body></html>'
+)
 
 
 async def _http(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -79,7 +85,7 @@ async def test_email_links_and_pixel_are_tracked(harness: DeliveryHarness) -> No
         assert message["Subject"] == "Hi Ana"
         assert "/u/" in message["List-Unsubscribe"]
         html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
-        [link] = re.findall(r'href="(http://127\.0\.0\.1:\d+/c/[^"]+)"', html)
+        [link, offer] = re.findall(r'href="(http://127\.0\.0\.1:\d+/c/[^"]+)"', html)
         [pixel] = re.findall(r'src="(http://127\.0\.0\.1:\d+/o/[^"]+)"', html)
         assert "shop.example" not in html
         status, headers, body = await _http(
@@ -97,6 +103,15 @@ async def test_email_links_and_pixel_are_tracked(harness: DeliveryHarness) -> No
         [click] = feed.of(result.message_id, DeliveryReceipt.STATUS_CLICKED)
         assert click.url == "https://shop.example/sale?x=1&y=2"
         assert feed.of(result.message_id, DeliveryReceipt.STATUS_OPENED)
+        # A link beyond ASCII redirects too: the Location header carries it percent-encoded.
+        status, headers, _ = await _http(harness.tracking_port, "GET", offer.split(":", 2)[2][5:])
+        assert (status, headers["location"]) == (
+            302,
+            "https://tienda.example/ofertas/10%E2%82%AC",
+        )
+        # The pixel's token travels with a forwarded email: it opens, never unsubscribes.
+        status, _, _ = await _http(harness.tracking_port, "POST", "/u/" + pixel.rsplit("/o/", 1)[1])
+        assert status == 404
 
 
 async def test_forged_or_foreign_tracking_tokens_are_404(harness: DeliveryHarness) -> None:
@@ -121,9 +136,12 @@ async def test_one_click_unsubscribe_opts_out_in_identity(harness: DeliveryHarne
         status, _, page = await _http(harness.tracking_port, "GET", path)
         assert status == 200
         assert b"<form method=post" in page
-        status, _, _ = await _http(harness.tracking_port, "POST", path)
-        assert status == 200
-        await harness.wait_status(result.message_id, S.MESSAGE_STATUS_UNSUBSCRIBED)
+        # The mail client's one-click POST, then the reader's own: unsubscribed once.
+        for _ in range(2):
+            status, _, _ = await _http(harness.tracking_port, "POST", path)
+            assert status == 200
+        unsubscribed = await harness.wait_status(result.message_id, S.MESSAGE_STATUS_UNSUBSCRIBED)
+        assert [e.status for e in unsubscribed.timeline].count(S.MESSAGE_STATUS_UNSUBSCRIBED) == 1
         subscription = await harness.identity.GetSubscription(
             ipb.GetSubscriptionRequest(subscription_id=subscription_id), metadata=harness.server
         )
@@ -214,3 +232,21 @@ async def test_list_messages_per_user_newest_first(harness: DeliveryHarness, sin
         metadata=harness.server,
     )
     assert len(by_external.messages) == 3
+
+
+def test_tracking_tokens_are_bound_to_their_purpose_and_old_ones_still_work() -> None:
+    links = TrackingLinks(SecretBox("tracking-test-key"), "https://t.example")
+    message_id = uuid.uuid4()
+    opened = links.open_url("app_1", message_id).rsplit("/", 1)[1]
+    assert links.read(opened, "o") == Tracked("app_1", message_id, "")
+    assert links.read(opened, "u") is None
+    assert links.read(opened, "p") is None
+    # Emails sent before tokens named their purpose carry one token for all of them.
+    payload = f"app_1\n{message_id}\n".encode()
+    legacy = f"{_b64(payload)}.{_b64(SecretBox('tracking-test-key').sign(payload))}"
+    assert links.read(legacy, "u") == links.read(legacy, "o") == Tracked("app_1", message_id, "")
+    assert links.read(legacy + "x", "o") is None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
