@@ -211,14 +211,15 @@ async def known_apps(conn: DBConnection, app_ids: Iterable[str]) -> set[str]:
 # Which of the given (app, user) pairs exist. FOR KEY SHARE holds off a concurrent erasure or
 # merge of those users until the events are stored: such a transaction locks or deletes the user
 # row first, so it either waits for this batch (and then sees its rows) or finishes before it
-# (and then the user is gone here). It does not block profile updates.
+# (and then the user is gone here). It does not block profile updates. The rows are locked in
+# (app, user) order, the order every other writer of users locks them in: a batch locking them
+# in join order deadlocked with a concurrent BatchUpsertUsers or Login of the same users.
 _EXISTING_USERS = """
 SELECT u.app_id, u.user_id
 FROM users u
-JOIN (SELECT DISTINCT app_id, user_id
-      FROM unnest($1::text[], $2::uuid[]) AS w(app_id, user_id)) w
-  USING (app_id, user_id)
-FOR KEY SHARE OF u
+WHERE (u.app_id, u.user_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+ORDER BY u.app_id, u.user_id
+FOR KEY SHARE
 """
 
 _MERGE_TARGETS = """

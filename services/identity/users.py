@@ -1132,12 +1132,12 @@ async def delete_user(conn: DBConnection, app_id: str, key: RefKey, *, at: datet
         NotFound: ``USER_NOT_FOUND``.
     """
     async with conn.transaction():
-        user_id = (await refs.lookup(conn, app_id, [key])).get(key)
         # Lock the row before erasing events: the events consumer locks the users it stores
         # events for, so nothing of this user can be stored after our delete commits.
-        profile = await users_store.lock_user(conn, app_id, user_id) if user_id else None
-        if user_id is None or profile is None:
+        profile = await _lock_ref(conn, app_id, key)
+        if profile is None:
             raise refs.user_not_found(key)
+        user_id = profile.user_id
         await events_store.delete_for_user(conn, app_id, user_id)
         await users_store.delete_user(conn, app_id, user_id)
         await changes.publish(
@@ -1250,11 +1250,32 @@ async def _changed_aliases(
 
 
 async def _locked(conn: DBConnection, app_id: str, key: RefKey) -> Profile:
-    user_id = (await refs.lookup(conn, app_id, [key])).get(key)
-    profile = await users_store.lock_user(conn, app_id, user_id) if user_id else None
+    profile = await _lock_ref(conn, app_id, key)
     if profile is None:
         raise refs.user_not_found(key)
     return profile
+
+
+async def _lock_ref(conn: DBConnection, app_id: str, key: RefKey) -> Profile | None:
+    """The profile ``key`` names, locked; None if it names nobody.
+
+    A Login can merge the profile a subscription or alias named into another between the
+    lookup and the lock: the ref then names the merged user, so it is looked up again.
+    """
+    tried: set[uuid.UUID] = set()
+    for _ in range(_LOOKUP_ATTEMPTS):
+        user_id = (await refs.lookup(conn, app_id, [key])).get(key)
+        if user_id is None or user_id in tried:
+            return None
+        profile = await users_store.lock_user(conn, app_id, user_id)
+        if profile is not None:
+            return profile
+        tried.add(user_id)
+    return None
+
+
+#: Lookups of a ref whose user was merged away under it, before answering NOT_FOUND.
+_LOOKUP_ATTEMPTS = 3
 
 
 async def add_alias(
