@@ -12,6 +12,7 @@ import grpc
 from tidings.identity.v1 import identity_service_pb2 as pb
 from tidings.identity.v1 import user_pb2, user_ref_pb2
 
+from tests.db_locks import blocked_by
 from tests.identity.conftest import TestApp
 from tests.identity.support import create, ext, new_id, push
 from tests.polling import eventually
@@ -20,14 +21,6 @@ if TYPE_CHECKING:
     from tidings.identity.v1.identity_service_pb2_grpc import IdentityServiceAsyncStub as Stub
 else:
     Stub = Any
-
-
-async def _blocked_by(watcher: asyncpg.Connection, pid: int) -> list[int]:
-    """The sessions waiting for a lock that session ``pid`` holds."""
-    rows = await watcher.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
-    )
-    return [int(row["pid"]) for row in rows]
 
 
 async def _deadlocks(watcher: asyncpg.Connection) -> int:
@@ -92,12 +85,12 @@ async def _merge_racing(
         )
         holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
         [login_pid] = await eventually(
-            lambda: _blocked_by(watcher, holder_pid), what="Login waiting for the known user"
+            lambda: blocked_by(watcher, holder_pid), what="Login waiting for the known user"
         )
         # The call resolves the subscription to the anonymous profile and waits for its lock.
         call = asyncio.ensure_future(_code(make_call(device.subscription_id)))
         await eventually(
-            lambda: _blocked_by(watcher, login_pid), what="the call waiting for Login's lock"
+            lambda: blocked_by(watcher, login_pid), what="the call waiting for Login's lock"
         )
         await held.commit()
         merged = await login

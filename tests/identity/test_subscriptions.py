@@ -28,6 +28,7 @@ from services.identity.subscriptions import (
 )
 from services.identity.subscriptions_store import OptIn, SubscriptionType
 from services.runtime.errors import FieldViolations, ResourceExhausted
+from tests.db_locks import wait_blocked_by
 from tests.identity.conftest import TestApp
 from tests.identity.support import (
     ANDROID,
@@ -986,16 +987,7 @@ async def _held_back_while(
         async with conn.transaction():
             await conn.execute(change, *args)
             registering = asyncio.ensure_future(register())
-
-            async def waiting_for_a_lock() -> bool:
-                return bool(
-                    await watcher.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND datname = current_database() AND query ILIKE '%subscriptions%'"
-                    )
-                )
-
-            await eventually(waiting_for_a_lock, what="the registration waiting for the row")
+            await wait_blocked_by(watcher, conn, "the registration waiting for the row")
         return await registering
     finally:
         await watcher.close()

@@ -15,6 +15,7 @@ from tidings.identity.v1 import user_ref_pb2
 from tidings.journey.v1 import journey_pb2 as jpb
 from tidings.journey.v1 import journey_service_pb2 as pb
 
+from tests.db_locks import wait_blocked_by
 from tests.identity.conftest import TestApp
 from tests.identity.support import failure
 from tests.journey.support import (
@@ -189,16 +190,7 @@ async def test_activate_refuses_a_draft_edited_while_it_was_being_validated(
                     pb.ActivateJourneyRequest(journey_id=created.journey_id), metadata=app.server
                 )
             )
-
-            async def waiting() -> bool:
-                return bool(
-                    await watcher.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query ILIKE '%FOR UPDATE OF j%'"
-                    )
-                )
-
-            await eventually(waiting, what="Activate waiting for the journey's row")
+            await wait_blocked_by(watcher, editor, "Activate waiting for the journey's row")
             await editor.execute(
                 "UPDATE journey_versions SET definition = $3"
                 " WHERE app_id = $1 AND journey_id = $2 AND version = 1",
